@@ -214,20 +214,27 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, padded_vocab_size=0):
         """Load an OpenAI size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once from
-        the Hugging Face hub into its cache) or a local directory written by HF's save_pretrained
-        or by save_hf. padded_vocab_size (e.g. 50304) adds zero embedding rows, for fine-tuning at
+        the Hugging Face hub into its cache), a local directory written by HF's save_pretrained
+        or by save_hf, or a checkpoint file written by train_gpt2.py. padded_vocab_size (e.g. 50304) adds zero embedding rows, for fine-tuning at
         the faster padded size; they never reach sampling or a loss."""
         if name_or_path in OPENAI_SIZES:
             from huggingface_hub import hf_hub_download
 
             config = config_for(name_or_path, padded_vocab_size=padded_vocab_size)
             weights_file = hf_hub_download(f"openai-community/{name_or_path}", "model.safetensors")
+        elif os.path.isfile(name_or_path):  # a checkpoint written by train_gpt2.py
+            ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
+            if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+                raise ValueError(f"{name_or_path}: not a train_gpt2.py checkpoint (no 'model' and 'config')")
+            model = cls(GPTConfig(**ckpt["config"]))
+            model.load_state_dict(ckpt["model"])
+            return model
         elif os.path.isdir(name_or_path):
             config = _config_from_hf_dir(name_or_path, padded_vocab_size)
             weights_file = _weights_file_in(name_or_path)
         else:
-            raise ValueError(f"{name_or_path!r} is neither an OpenAI size ({', '.join(OPENAI_SIZES)}) "
-                             f"nor a directory written by save_pretrained")
+            raise ValueError(f"{name_or_path!r} is neither an OpenAI size ({', '.join(OPENAI_SIZES)}), "
+                             f"a directory written by save_pretrained, nor a train_gpt2.py checkpoint file")
         model = cls(config)
         model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         return model

@@ -1,0 +1,15 @@
+"""Shared test setup: import the flat repo's modules, and use the offline tokenizer cache."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# CI and developers have ../shared beside the checkout; tiktoken then needs no network.
+_cache = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken_cache")
+if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
+    os.environ["TIKTOKEN_CACHE_DIR"] = _cache
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "input.txt")
