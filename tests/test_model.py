@@ -1,0 +1,317 @@
+"""model.py against independent references: Hugging Face's GPT2LMHeadModel and hand-computed values."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+import model as model_module
+from model import EOT, GPT, GPTConfig
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
+
+
+def hf_tiny(seed=0, vocab_size=50257, **overrides):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides}, vocab_size=vocab_size)).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A random tiny HF GPT-2 saved with save_pretrained: the independent reference."""
+    d = tmp_path_factory.mktemp("hf_tiny")
+    hf_tiny().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def gpt124m():
+    torch.manual_seed(0)
+    return GPT(GPTConfig())
+
+
+# ---------------------------------------------------------------- parity with HF
+
+
+def test_logits_match_hf_tiny(tiny_dir):
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    ours = GPT.from_pretrained(tiny_dir).eval()
+    idx = torch.randint(0, 50257, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        logits, _ = ours(idx)
+    assert logits.shape == ref.shape == (3, 64, 50257)
+    assert (logits - ref).abs().max().item() <= 1e-4
+
+
+def test_loss_matches_hf_and_honours_ignore_index(tiny_dir):
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    ours = GPT.from_pretrained(tiny_dir).eval()
+    g = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 50257, (2, 32), generator=g)
+    targets = torch.randint(0, 50257, (2, 32), generator=g)
+    targets[0, :10] = -1
+    with torch.no_grad():
+        ref_logits = hf(idx).logits
+        _, loss = ours(idx, targets)
+    # by hand: mean negative log-likelihood over the positions whose target is not -1
+    keep = targets != -1
+    logp = torch.log_softmax(ref_logits.double(), dim=-1)
+    expected = -logp[keep].gather(1, targets[keep].unsqueeze(1)).mean()
+    assert abs(loss.item() - expected.item()) < 1e-5
+
+
+def test_logits_match_hf_124m_shape(tmp_path, gpt124m):
+    assert gpt124m.num_params() == 124_439_808  # the published GPT-2 small count, tied embeddings
+    torch.manual_seed(3)
+    hf = GPT2LMHeadModel(GPT2Config()).eval()  # random weights in the real 124M shape
+    ours = GPT(GPTConfig())
+    ours.load_hf_state_dict(hf.state_dict())
+    ours.eval()
+    idx = torch.randint(0, 50257, (1, 128), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        err = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+    assert err <= 1e-4
+
+
+def test_openai_name_loads_openai_style_file(tmp_path, monkeypatch):
+    """OpenAI's hub files name keys without 'transformer.', store no lm_head and carry attn.bias
+    buffers: the name path must handle that. The hub download is replaced by a local file."""
+    monkeypatch.setitem(model_module.OPENAI_SIZES, "gpt2", dict(n_layer=2, n_head=4, n_embd=64))
+    torch.manual_seed(5)
+    base = GPT2Model(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=1024)).eval()
+    sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+    for i in range(2):
+        sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1024, 1024)).view(1, 1, 1024, 1024)
+    path = tmp_path / "model.safetensors"
+    save_file(sd, str(path))
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f: calls.append((repo, f)) or str(path))
+    ours = GPT.from_pretrained("gpt2").eval()
+    assert calls == [("openai-community/gpt2", "model.safetensors")]
+    idx = torch.randint(0, 50257, (1, 20))
+    with torch.no_grad():
+        h_ref = base(idx).last_hidden_state
+        ref = h_ref @ base.wte.weight.t()
+        assert (ours(idx)[0] - ref).abs().max().item() <= 1e-4
+
+
+# ---------------------------------------------------------------- export to HF
+
+
+def test_export_round_trip(tmp_path):
+    torch.manual_seed(6)
+    ours = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64, padded_vocab_size=50304)).eval()
+    ours.save_hf(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["vocab_size"], config["n_positions"], config["n_layer"], config["n_embd"]) == (50257, 64, 2, 64)
+    assert config["activation_function"] == "gelu_new"
+    hf, info = GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    hf.eval()
+    assert hf.transformer.wte.weight.shape == (50257, 64)  # trimmed to the real vocabulary
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(hf(idx).logits, ours(idx)[0], atol=1e-5, rtol=0)
+    back = GPT.from_pretrained(str(tmp_path))
+    sd_back = back.state_dict()
+    for k, v in ours.state_dict().items():
+        if k in ("transformer.wte.weight", "lm_head.weight"):
+            v = v[:50257]
+        assert torch.equal(sd_back[k], v), k
+
+
+def test_export_works_in_hf_pipeline(tmp_path):
+    import tiktoken
+    from transformers import AutoTokenizer, pipeline
+
+    torch.manual_seed(7)
+    GPT(GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32)).save_hf(tmp_path)
+    text = "Hello, I'm a language model,  héllo 世界\n\n\tcode: x+=1<|endoftext|>"
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    enc = tiktoken.get_encoding("gpt2")
+    assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    assert tok.eos_token_id == EOT
+    out = pipeline("text-generation", model=str(tmp_path))("Hello", max_new_tokens=5, do_sample=False)
+    assert out[0]["generated_text"].startswith("Hello")
+
+
+def test_padded_vocab_scores_like_trimmed(tiny_dir):
+    plain = GPT.from_pretrained(tiny_dir).eval()
+    padded = GPT.from_pretrained(tiny_dir, padded_vocab_size=50304).eval()
+    assert padded.transformer.wte.weight.shape == (50304, 64)
+    idx = torch.randint(0, 50257, (2, 30))
+    with torch.no_grad():
+        padded.lm_head.weight[50257:] = 100.0  # padded rows that would dominate if they were seen
+        a, la = plain(idx, idx)
+        b, lb = padded(idx, idx)
+    assert b.shape[-1] == 50257 and torch.equal(a, b) and torch.equal(la, lb)
+
+
+# ---------------------------------------------------------------- generation
+
+
+def test_kv_cache_greedy_equals_no_cache_and_hf(tiny_dir):
+    hf = GPT2LMHeadModel.from_pretrained(tiny_dir).eval()
+    ours = GPT.from_pretrained(tiny_dir).eval()
+    prompt = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(8))
+    cached = ours.generate(prompt, 40, temperature=0)
+    recomputed = ours.generate(prompt, 40, temperature=0, use_cache=False)
+    ref = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=40, do_sample=False,
+                      pad_token_id=EOT)
+    assert cached.shape == (2, 48)
+    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, ref)
+
+
+def test_kv_cache_past_block_size_matches_sliding_window(tiny_dir):
+    ours = GPT.from_pretrained(tiny_dir).eval()  # block_size 64
+    prompt = torch.randint(0, 50257, (1, 50), generator=torch.Generator().manual_seed(9))
+    cached = ours.generate(prompt, 30, temperature=0)
+    assert torch.equal(cached, ours.generate(prompt, 30, temperature=0, use_cache=False))
+    # and by hand: each token is the argmax of a forward pass over the last 64 tokens
+    idx = prompt
+    for _ in range(30):
+        logits, _ = ours(idx[:, -64:])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, idx)
+
+
+def test_sampling_never_returns_padded_ids_and_is_reproducible(tiny_dir):
+    model = GPT.from_pretrained(tiny_dir, padded_vocab_size=50304).eval()
+    with torch.no_grad():
+        h, _ = model.hidden_states(torch.tensor([[EOT]]))
+        model.lm_head.weight[50257:] = 1e3 * h[0, -1] / h[0, -1].norm()  # huge padded logits
+        assert model.lm_head(h)[0, -1, 50257:].max() > model.lm_head(h)[0, -1, :50257].max() + 100
+    prompt = torch.full((4, 1), EOT)
+    out = model.generate(prompt, 30, top_k=50, generator=torch.Generator().manual_seed(0))
+    assert out.max().item() < 50257
+    again = model.generate(prompt, 30, top_k=50, generator=torch.Generator().manual_seed(0))
+    other = model.generate(prompt, 30, top_k=50, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again) and not torch.equal(out, other)
+
+
+def test_top_k_restricts_to_k_most_likely(tiny_dir):
+    model = GPT.from_pretrained(tiny_dir).eval()
+    prompt = torch.tensor([[EOT]])
+    with torch.no_grad():
+        top5 = set(model(prompt)[0][0, -1].topk(5).indices.tolist())
+    g = torch.Generator().manual_seed(3)
+    firsts = {model.generate(prompt, 1, top_k=5, generator=g)[0, 1].item() for _ in range(40)}
+    assert firsts <= top5 and len(firsts) > 1
+
+
+# ---------------------------------------------------------------- init, tying, optimizer, FLOPs
+
+
+def test_init_statistics_and_weight_tying(gpt124m):
+    m = gpt124m
+    assert m.transformer.wte.weight.data_ptr() == m.lm_head.weight.data_ptr()
+    residual_std = 0.02 / math.sqrt(2 * 12)
+    for name, p in m.named_parameters():
+        if name.endswith("c_proj.weight"):
+            assert abs(p.std().item() - residual_std) < 0.03 * residual_std, name
+        elif name.endswith(("c_attn.weight", "c_fc.weight", "wte.weight", "wpe.weight")):
+            assert abs(p.std().item() - 0.02) < 0.03 * 0.02, name
+            assert abs(p.mean().item()) < 1e-3, name
+        elif name.endswith("bias") and ".ln_" not in name and "ln_f" not in name:
+            assert torch.count_nonzero(p) == 0, name
+        elif ".ln_" in name or "ln_f" in name:
+            expected = 1.0 if name.endswith("weight") else 0.0
+            assert torch.all(p == expected), name
+
+
+def test_tied_weights_train_as_one():
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
+    opt = torch.optim.SGD(m.parameters(), lr=1.0)
+    _, loss = m(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
+    loss.backward()
+    opt.step()
+    assert m.transformer.wte.weight is m.lm_head.weight
+
+
+def test_configure_optimizers_groups(gpt124m, capsys):
+    opt = gpt124m.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    decay, no_decay = opt.param_groups
+    # per block: 4 weight matrices; plus wte (= lm_head) and wpe. Biases and LayerNorms: 8 per block + ln_f
+    assert (len(decay["params"]), len(no_decay["params"])) == (12 * 4 + 2, 12 * 8 + 2)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8 and opt.defaults["lr"] == 6e-4
+    n = sum(p.numel() for p in decay["params"]) + sum(p.numel() for p in no_decay["params"])
+    assert n == 124_439_808
+    assert "50 tensors" in capsys.readouterr().out
+
+
+def test_flops_per_token_hand_computed(gpt124m):
+    n_non_embedding = 124_439_808 - 1024 * 768  # without wpe
+    expected = 6 * n_non_embedding + 12 * 12 * 12 * 64 * 1024
+    assert gpt124m.flops_per_token(1024) == expected == 855_166_464
+    assert gpt124m.estimate_mfu(500_000, 1024, peak_flops=1e15) == pytest.approx(expected * 500_000 / 1e15)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, tiny_dir):
+    m = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="sequence length 17 exceeds block_size 16"):
+        m(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token id 50257 is outside the vocabulary \[0, 50257\)"):
+        m(torch.tensor([[1, 50257]]))
+    with pytest.raises(ValueError, match=r"token id -3 is outside"):
+        m(torch.tensor([[-3, 5]]))
+    with pytest.raises(ValueError, match="neither an OpenAI size"):
+        GPT.from_pretrained("gpt3-huge")
+    with pytest.raises(ValueError, match="not divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+
+
+def test_bad_checkpoints_raise_clear_errors(tmp_path, tiny_dir):
+    sd = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    config = open(os.path.join(tiny_dir, "config.json")).read()
+
+    def hf_dir(name, state, cfg=config):
+        d = tmp_path / name
+        d.mkdir()
+        save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(cfg)
+        return str(d)
+
+    missing = hf_dir("missing", {k: v for k, v in sd.items() if k != "transformer.h.1.mlp.c_fc.bias"})
+    with pytest.raises(ValueError, match=r"missing keys \['transformer.h.1.mlp.c_fc.bias'\]"):
+        GPT.from_pretrained(missing)
+    extra = hf_dir("extra", {**sd, "transformer.h.2.ln_1.weight": torch.ones(64)})
+    with pytest.raises(ValueError, match=r"unexpected keys \['transformer.h.2.ln_1.weight'\]"):
+        GPT.from_pretrained(extra)
+    wrong = hf_dir("wrong", sd, config.replace('"n_positions": 64', '"n_positions": 128'))
+    with pytest.raises(ValueError, match=r"transformer.wpe.weight has shape \(64, 64\), the model expects \(128, 64\)"):
+        GPT.from_pretrained(wrong)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="config.json"):
+        GPT.from_pretrained(str(empty))
+    not_ckpt = tmp_path / "x.pt"
+    torch.save({"weights": 1}, not_ckpt)
+    with pytest.raises(ValueError, match="not a train_gpt2.py checkpoint"):
+        GPT.from_pretrained(str(not_ckpt))
+
+
+def test_train_checkpoint_loads(tmp_path):
+    from dataclasses import asdict
+
+    cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, padded_vocab_size=50304)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    torch.save({"model": m.state_dict(), "config": asdict(cfg), "step": 3}, tmp_path / "ckpt.pt")
+    back = GPT.from_pretrained(str(tmp_path / "ckpt.pt"))
+    assert back.config == cfg
+    idx = torch.randint(0, 50257, (1, 8))
+    assert torch.equal(back(idx)[0], m(idx)[0])
