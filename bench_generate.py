@@ -10,8 +10,6 @@ import argparse
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
-
 from model import EOT, GPT, GPTConfig
 
 
@@ -35,11 +33,7 @@ def main():
 
     torch.manual_seed(0)
     ours = GPT(GPTConfig()).to(args.device).eval()
-    hf = GPT2LMHeadModel(GPT2Config()).eval()
-    sd = {k: v for k, v in ours.state_dict().items()}
-    conv1d = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
-    hf.load_state_dict({k: (v.t() if k.endswith(conv1d) else v) for k, v in sd.items()}, strict=False)
-    hf.to(args.device)
+    hf = ours.to_hf().to(args.device)  # the same weights in transformers' GPT2LMHeadModel
     prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * args.batch_size, device=args.device)  # "Hello, I'm a language model,"
     n = args.new_tokens
 

@@ -215,8 +215,9 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path, padded_vocab_size=0):
         """Load an OpenAI size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once from
         the Hugging Face hub into its cache), a local directory written by HF's save_pretrained
-        or by save_hf, or a checkpoint file written by train_gpt2.py. padded_vocab_size (e.g. 50304) adds zero embedding rows, for fine-tuning at
-        the faster padded size; they never reach sampling or a loss."""
+        or by save_hf, or a checkpoint file written by train_gpt2.py. padded_vocab_size (e.g.
+        50304) adds zero embedding rows, for fine-tuning at the faster padded size; they never
+        reach sampling or a loss."""
         if name_or_path in OPENAI_SIZES:
             from huggingface_hub import hf_hub_download
 
@@ -262,28 +263,31 @@ class GPT(nn.Module):
                                      f"the model expects {tuple(target.shape)}")
                 target.copy_(v)
 
-    def save_hf(self, directory, tokenizer=True):
-        """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and pipeline
-        "text-generation") loads directly: real vocabulary rows only, Conv1D layout, config.json,
-        and, with tokenizer=True, the GPT-2 tokenizer converted from tiktoken."""
+    def to_hf(self):
+        """This model as a transformers GPT2LMHeadModel (float32, CPU): real vocabulary rows only,
+        linear weights transposed into HF's Conv1D layout."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
-        hf_config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
-                               n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
-                               bos_token_id=EOT, eos_token_id=EOT)
-        hf = GPT2LMHeadModel(hf_config)
+        hf = GPT2LMHeadModel(GPT2Config(vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                        n_layer=c.n_layer, n_head=c.n_head, activation_function="gelu_new",
+                                        bos_token_id=EOT, eos_token_id=EOT))
         sd = {}
         for k, v in self.state_dict().items():
             v = v.detach().float().cpu()
             if k in ("transformer.wte.weight", "lm_head.weight"):
                 v = v[: c.vocab_size]
             sd[k] = v.t().contiguous() if k.endswith(CONV1D_WEIGHTS) else v.clone()
-        hf.load_state_dict(sd, strict=False)
-        missing = set(hf.state_dict()) - set(sd)
-        if missing:
-            raise RuntimeError(f"export would leave HF weights uninitialised: {sorted(missing)[:5]}")
-        hf.save_pretrained(directory)
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"export mismatch: HF expects {missing[:5]}, did not expect {unexpected[:5]}")
+        return hf.eval()
+
+    def save_hf(self, directory, tokenizer=True):
+        """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and pipeline
+        "text-generation") loads directly, with config.json and, with tokenizer=True, the GPT-2
+        tokenizer converted from tiktoken."""
+        self.to_hf().save_pretrained(directory)
         if tokenizer:
             save_gpt2_tokenizer(directory)
 
