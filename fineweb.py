@@ -1,0 +1,322 @@
+"""FineWeb-edu -> GPT-2 token shards: `edufineweb_{val,train}_NNNNNN.npy`, read by train_gpt2.py.
+
+Every document becomes [EOT] + tiktoken-gpt2(text), and the documents are concatenated, in dataset
+order, into one token stream that is cut into `.npy` uint16 arrays of exactly --shard-size tokens
+(the last one may be shorter). Shard 0 is the validation shard, the rest are training shards.
+
+A shard's contents depend only on the dataset and the settings, never on --workers or on where an
+earlier run stopped: so an interrupted run resumes exactly. manifest.json records, for each finished
+shard, the stream position (document index, token offset into that document) where it starts and
+ends; a re-run checks the settings, skips the finished shards' documents and continues mid-document.
+
+    python fineweb.py                                  # sample-10BT -> edu_fineweb10B/ (~100 shards)
+    python fineweb.py --data-files 'corpus/*.jsonl' --out shards/ --shard-size 1000000
+    python fineweb.py --data-files big.jsonl --benchmark   # tokens/s with 1 worker vs --workers
+"""
+import argparse
+import glob
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from multiprocessing import Pool
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+EOT = 50256  # <|endoftext|>: precedes every document
+TOKENIZER = "gpt2"
+# A pool task is a batch of whole documents of about this many characters (~25k tokens, ~10 ms of
+# work): big enough that the main process handles one array per batch, not per document, and so keeps
+# up with many workers even on short documents; small enough to spread the work evenly.
+TASK_CHARS = 100_000
+FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
+
+
+class DataError(Exception):
+    """Bad input or --out: main() prints the message and exits 2."""
+
+
+# ---- tokenization (runs in the pool workers) ----------------------------------------------------
+_enc = None
+
+
+def _init_worker():
+    global _enc
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool, quietly
+    _enc = tiktoken.get_encoding(TOKENIZER)  # once per worker, not once per document
+
+
+def tokenize(texts):
+    """[EOT] + ordinary GPT-2 tokens of each text, all concatenated as uint16, and each one's length.
+
+    Ordinary: a literal `<|endoftext|>` inside a text is encoded as plain text, never as EOT."""
+    tokens, lengths = [], []
+    for text in texts:
+        ids = _enc.encode_ordinary(text)
+        tokens += [EOT] + ids
+        lengths.append(len(ids) + 1)
+    tokens = np.array(tokens, dtype=np.uint32)
+    if tokens.max() >= 2**16:  # never for gpt2 (50257 tokens); guards a different tokenizer
+        raise ValueError(f"token id {tokens.max()} does not fit uint16")
+    return tokens.astype(np.uint16), np.array(lengths)
+
+
+# ---- input ---------------------------------------------------------------------------------------
+def resolve_files(patterns):
+    """Expand globs (sorted within each pattern, patterns in the order given) to absolute paths."""
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise DataError(f"--data-files {pattern!r}: no such file")
+        files += [os.path.abspath(m) for m in matches]
+    for f in files:
+        if os.path.getsize(f) == 0:  # `datasets` fails on these with a bare StopIteration
+            raise DataError(f"--data-files: {f} is empty (0 bytes): there are no documents to tokenize")
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if not exts <= FORMATS.keys() or len({FORMATS[e] for e in exts}) != 1:
+        raise DataError(f"--data-files: expected files of one format among {sorted(FORMATS)}, got {sorted(exts)}")
+    return files
+
+
+def settings_of(args):
+    """What shard contents depend on: a re-run into the same --out must match these exactly."""
+    if args.data_files:
+        return {"dataset": "local files", "data_files": resolve_files(args.data_files), "name": None,
+                "split": "train", "tokenizer": TOKENIZER, "shard_size": args.shard_size}
+    return {"dataset": args.dataset, "data_files": None, "name": args.name, "split": args.split,
+            "tokenizer": TOKENIZER, "shard_size": args.shard_size}
+
+
+def load_documents(settings, streaming):
+    """The dataset, reduced to its `text` column (other columns are never decoded)."""
+    import datasets  # only this script needs `datasets`; the GPU machine may not have it
+
+    files = settings["data_files"]
+    what = f"--data-files {files}" if files else f"{settings['dataset']} ({settings['name']})"
+    try:
+        if files:
+            builder = FORMATS[os.path.splitext(files[0])[1].lower()]
+            extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+        else:
+            ds = datasets.load_dataset(settings["dataset"], name=settings["name"], split=settings["split"],
+                                       streaming=streaming)
+    except Exception as e:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, OSError ...)
+        raise DataError(f"could not read {what}: {describe(e)}") from e
+    columns = ds.column_names  # None for some streaming datasets: then batches() checks the rows
+    if columns is not None and "text" not in columns:
+        raise DataError(f"{what} has no 'text' column (columns: {columns})")
+    if not streaming and len(ds) == 0:
+        raise DataError(f"{what} is empty: no documents to tokenize")
+    return (ds.select_columns(["text"]) if columns is not None else ds), what
+
+
+def batches(ds, what, skip):
+    """Lists of document texts (pool tasks of ~TASK_CHARS), in order, from document `skip` on."""
+    task, chars = [], 0
+    try:
+        for rows in (ds.skip(skip) if skip else ds).iter(batch_size=1024):  # far faster than row by row
+            if "text" not in rows:
+                raise DataError(f"{what} has no 'text' column (columns: {list(rows)})")
+            for text in rows["text"]:
+                if not isinstance(text, str):
+                    raise DataError(f"{what}: a document's 'text' is {type(text).__name__}, not a string")
+                task.append(text)
+                chars += len(text)
+                if chars >= TASK_CHARS:
+                    yield task
+                    task, chars = [], 0
+        if task:
+            yield task
+    except DataError:
+        raise
+    except Exception as e:  # a file that fails part-way through a streaming read
+        raise DataError(f"could not read {what}: {describe(e)}") from e
+
+
+def describe(error):
+    """`Type: message`, and the cause's too: DatasetGenerationError's own message says nothing."""
+    cause = error.__cause__ or error.__context__
+    return f"{type(error).__name__}: {error}" + (f" (because {type(cause).__name__}: {cause})" if cause else "")
+
+
+# ---- output --------------------------------------------------------------------------------------
+def write_atomic(path, write):
+    """Write to a temporary name, then rename: a crash never leaves a truncated file at `path`."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # Ctrl-C or a full disk: leave no stray file (a SIGKILL may; it is harmless)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def shard_name(index):
+    return f"edufineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy"
+
+
+def read_manifest(out, settings):
+    """The manifest of --out, checked against `settings`; finished shards whose files are intact."""
+    path = os.path.join(out, "manifest.json")
+    if not os.path.exists(path):
+        if glob.glob(os.path.join(out, "edufineweb_*.npy")):
+            raise DataError(f"--out {out} holds shards but no manifest.json: use an empty --out or delete them")
+        return {**settings, "shards": [], "documents": None, "tokens": None, "complete": False}
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--out {out}: unreadable manifest.json ({e}): delete --out and start again") from e
+    for key, value in settings.items():
+        if manifest.get(key) != value:
+            raise DataError(f"--out {out} holds shards made with {key}={manifest.get(key)!r}, not {value!r}: "
+                            "use another --out, or delete it to start again")
+    for i, shard in enumerate(manifest["shards"]):  # keep the intact prefix; redo from the first bad shard
+        try:
+            ok = np.load(os.path.join(out, shard["file"]), mmap_mode="r").shape == (shard["tokens"],)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            manifest.update(shards=manifest["shards"][:i], documents=None, tokens=None, complete=False)
+            break
+    return manifest
+
+
+def write_manifest(out, manifest):
+    write_atomic(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def write_shards(ds, what, settings, out, workers, max_shards=None, progress=True):
+    """Tokenize `ds` into shards under `out`, resuming from its manifest. Returns the manifest."""
+    manifest = read_manifest(out, settings)
+    shards, size = manifest["shards"], settings["shard_size"]
+    if manifest["complete"] or (max_shards is not None and len(shards) >= max_shards):
+        return manifest
+    doc, offset = shards[-1]["end"] if shards else (0, 0)  # next token: tokens(doc)[offset]
+    start, buf, fill = (doc, offset), np.empty(size, dtype=np.uint16), 0
+    bar = None
+
+    def flush(end):  # shard file first, then the manifest that vouches for it
+        os.makedirs(out, exist_ok=True)
+        shards.append({"file": shard_name(len(shards)), "tokens": fill, "start": start, "end": end})
+        write_atomic(os.path.join(out, shards[-1]["file"]), lambda f: np.save(f, buf[:fill]))
+        write_manifest(out, manifest)
+        if bar is not None:
+            bar.close()
+
+    tiktoken.get_encoding(TOKENIZER)  # loaded (~0.3 s) once here: forked workers inherit tiktoken's cache
+    with Pool(workers, initializer=_init_worker) as pool:
+        # imap: results come back in document order, while the workers run ahead on later batches
+        for tokens, lengths in pool.imap(tokenize, batches(ds, what, skip=doc)):
+            ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
+            pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
+            while pos < len(tokens):  # the batch may fill the current shard, or several
+                if bar is None:
+                    bar = tqdm(total=size, unit="tok", unit_scale=True, desc=shard_name(len(shards)),
+                               disable=not progress)
+                n = min(len(tokens) - pos, size - fill)
+                buf[fill:fill + n] = tokens[pos:pos + n]
+                fill, pos = fill + n, pos + n
+                bar.update(n)
+                if fill == size:  # the next token is document doc + i, at `pos - ends[i - 1]` into it
+                    i = int(np.searchsorted(ends, pos, side="right"))
+                    end = (doc + i, pos - int(ends[i - 1]) if i else pos)
+                    flush(end)
+                    if max_shards is not None and len(shards) >= max_shards:
+                        return manifest  # leaving `with` terminates the pool
+                    start, fill, bar = end, 0, None
+            doc += len(lengths)
+    if doc == 0:
+        raise DataError(f"{what} is empty: no documents to tokenize")
+    if fill:
+        flush((doc, 0))  # the final, partial shard
+    manifest.update(documents=doc, tokens=sum(s["tokens"] for s in shards), complete=True)
+    write_manifest(out, manifest)
+    return manifest
+
+
+# ---- command line --------------------------------------------------------------------------------
+def benchmark(ds, what, settings, workers):
+    """Tokens/s of the whole pipeline (read, tokenize, write) with 1 worker and with `workers`.
+
+    Also the CPU time of the main process (reading the dataset, handing out tasks, copying into
+    shards, writing them): tokens / that time is the most it could ever feed, however many workers."""
+    print(f"benchmark: {what}, shard size {settings['shard_size']:,}")
+    tiktoken.get_encoding(TOKENIZER)  # a one-time cost: keep it out of the first measurement
+    rates = {}
+    for n in sorted({1, workers}):
+        with tempfile.TemporaryDirectory() as out:
+            t0, cpu0 = time.perf_counter(), time.process_time()  # process_time: this process only
+            manifest = write_shards(ds, what, settings, out, n, progress=False)
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        tokens = manifest["tokens"]
+        rates[n] = tokens / seconds
+        print(f"  workers {n:3d}: {tokens:,} tokens in {seconds:.2f}s = {rates[n]:,.0f} tokens/s "
+              f"(speedup {rates[n] / rates[1]:.2f}x); main process {cpu / seconds:.0%} of a core, "
+              f"could feed {tokens / cpu:,.0f} tokens/s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset (default: %(default)s)")
+    p.add_argument("--name", default="sample-10BT", help="dataset config, e.g. sample-100BT (default: %(default)s)")
+    p.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
+    p.add_argument("--data-files", nargs="+", metavar="PATH", help="read local .jsonl/.json/.parquet files with a "
+                   "'text' column, or .txt files (one document each), instead of --dataset; globs allowed")
+    p.add_argument("--out", default="edu_fineweb10B", help="shard directory (default: %(default)s)")
+    p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--max-shards", type=int, help="stop once --out holds this many shards (re-run to continue)")
+    p.add_argument("--benchmark", action="store_true", help="print tokens/s with 1 worker and with --workers "
+                   "(into a temporary directory; --out is not touched)")
+    args = p.parse_args(argv)
+    for flag in ("shard_size", "workers", "max_shards"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        settings = settings_of(args)
+        if args.benchmark:
+            return benchmark(*load_documents(settings, args.streaming), settings, args.workers)
+        manifest = read_manifest(args.out, settings)  # a wrong --out fails before the (long) download
+        done = manifest["shards"]
+        if done:
+            print(f"resuming: {len(done)} finished shards in {args.out} are kept")
+        if not (manifest["complete"] or (args.max_shards and len(done) >= args.max_shards)):
+            ds, what = load_documents(settings, args.streaming)
+            manifest = write_shards(ds, what, settings, args.out, args.workers, args.max_shards)
+    except DataError as e:
+        print(f"fineweb.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\nfineweb.py: interrupted; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+    shards, seconds = manifest["shards"], time.perf_counter() - t0
+    tokens, new = sum(s["tokens"] for s in shards), sum(s["tokens"] for s in shards[len(done):])
+    documents = manifest["documents"] or shards[-1]["end"][0]
+    state = "done" if manifest["complete"] else "stopped at --max-shards; re-run without it to continue"
+    print(f"{state}: {documents:,} documents, {tokens:,} tokens, {len(shards)} shards "
+          f"(1 val + {len(shards) - 1} train) in {args.out}")
+    print(f"this run: {new:,} tokens in {seconds:.1f}s ({new / seconds:,.0f} tokens/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""fineweb.py on small local corpora: exact shards, resuming after a stop or a kill, and bad input.
+
+The reference for every shard is recomputed here from the documents with tiktoken directly:
+the concatenation of all shards must equal [EOT] + encode_ordinary(doc) for every document, in order.
+"""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+
+import fineweb
+from conftest import ROOT, SHAKESPEARE
+
+EOT = 50256
+ENC = tiktoken.get_encoding("gpt2")
+PARAGRAPHS = [p for p in open(SHAKESPEARE, encoding="utf-8").read().split("\n\n") if p]
+# A long first document spans several 1000-token shards, so shard boundaries fall mid-document;
+# the others test what must be plain text: the literal "<|endoftext|>", an empty text, non-ASCII.
+LONG = " ".join(PARAGRAPHS[:40])
+SPECIAL = ["Plain text <|endoftext|> is not a separator.", "", "Émile naïve 東京 🙂 — déjà vu"]
+DOCS = [LONG] + SPECIAL + PARAGRAPHS[40:400]
+
+
+@pytest.fixture(autouse=True)
+def small_tasks(tmp_path, monkeypatch):
+    """Many pool tasks even on these small corpora (the killed-run test keeps the real size);
+    and the Arrow cache that `datasets` builds from local files kept out of the user's ~/.cache."""
+    monkeypatch.setattr(fineweb, "TASK_CHARS", 2000)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+
+
+def reference(docs):
+    return np.array([t for d in docs for t in [EOT] + ENC.encode_ordinary(d)], dtype=np.uint16)
+
+
+def write_jsonl(path, docs, key="text"):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({key: d, "id": i}) + "\n")
+    return str(path)
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"id": list(range(len(docs))), "text": docs}), path, row_group_size=50)
+    return str(path)
+
+
+def run(*args, workers=2):
+    fineweb.main([*map(str, args), "--workers", str(workers)])
+
+
+def shard_files(out):
+    return sorted(glob.glob(os.path.join(out, "edufineweb_*.npy")), key=lambda f: f[-10:])
+
+
+def load_shards(out):
+    arrays = [np.load(f, allow_pickle=False) for f in shard_files(out)]  # plain np.save arrays, no pickle
+    assert all(a.dtype == np.uint16 and a.ndim == 1 for a in arrays)
+    return arrays
+
+
+def read_bytes(out):
+    return {os.path.basename(f): open(f, "rb").read() for f in shard_files(out)}
+
+
+@pytest.mark.parametrize("fmt, streaming, task_chars", [("jsonl", False, 1), ("parquet", True, 2000)])
+def test_shards_are_the_exact_token_stream(tmp_path, capsys, monkeypatch, fmt, streaming, task_chars):
+    monkeypatch.setattr(fineweb, "TASK_CHARS", task_chars)  # 1: one document per pool task
+    # split across two files given as a glob: documents must come in file order, then row order
+    write = write_jsonl if fmt == "jsonl" else write_parquet
+    write(tmp_path / f"a.{fmt}", DOCS[:200])
+    write(tmp_path / f"b.{fmt}", DOCS[200:])
+    out = tmp_path / "shards"
+    run("--data-files", tmp_path / f"*.{fmt}", "--out", out, "--shard-size", 1000, *(["--streaming"] * streaming))
+
+    expected = reference(DOCS)
+    shards = load_shards(out)
+    names = [os.path.basename(f) for f in shard_files(out)]
+    n = -(-len(expected) // 1000)  # ceil: the final partial shard is written too
+    assert names == ["edufineweb_val_000000.npy"] + [f"edufineweb_train_{i:06d}.npy" for i in range(1, n)]
+    assert [len(s) for s in shards[:-1]] == [1000] * (n - 1) and 0 < len(shards[-1]) <= 1000
+    np.testing.assert_array_equal(np.concatenate(shards), expected)
+    # the literal "<|endoftext|>" in a text is ordinary text: EOT occurs once per document, nowhere else
+    assert (np.concatenate(shards) == EOT).sum() == len(DOCS)
+    assert ENC.decode(np.concatenate(shards).tolist()) == "".join("<|endoftext|>" + d for d in DOCS)
+
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["complete"] and manifest["documents"] == len(DOCS) and manifest["tokens"] == len(expected)
+    assert manifest["tokenizer"] == "gpt2" and manifest["shard_size"] == 1000
+    assert [s["tokens"] for s in manifest["shards"]] == [len(s) for s in shards]
+    # each shard's recorded start (document, token offset into it) is where its first token comes from
+    doc_starts = np.cumsum([0] + [len(ENC.encode_ordinary(d)) + 1 for d in DOCS])
+    for k, shard in enumerate(manifest["shards"]):
+        doc, offset = shard["start"]
+        assert doc_starts[doc] + offset == 1000 * k and 0 <= offset < doc_starts[doc + 1] - doc_starts[doc]
+        assert shard["end"] == (manifest["shards"][k + 1]["start"] if k + 1 < n else [len(DOCS), 0])
+    assert manifest["data_files"] == [str(tmp_path / f"a.{fmt}"), str(tmp_path / f"b.{fmt}")]
+    printed = capsys.readouterr().out
+    assert f"{len(DOCS):,} documents, {len(expected):,} tokens, {n} shards" in printed
+    assert not glob.glob(str(out / "*.tmp"))
+
+
+def test_txt_files_are_one_document_each(tmp_path):
+    (tmp_path / "1.txt").write_text(PARAGRAPHS[0] + "\n\n" + PARAGRAPHS[1] + "\n", encoding="utf-8")
+    (tmp_path / "2.txt").write_text(SPECIAL[2], encoding="utf-8")
+    run("--data-files", tmp_path / "*.txt", "--out", tmp_path / "out", "--shard-size", 10_000)
+    expected = reference([PARAGRAPHS[0] + "\n\n" + PARAGRAPHS[1] + "\n", SPECIAL[2]])
+    np.testing.assert_array_equal(np.concatenate(load_shards(tmp_path / "out")), expected)
+
+
+def test_shard_boundary_at_a_document_end(tmp_path):
+    half = DOCS[1:40]
+    size = len(reference(half))
+    data = write_jsonl(tmp_path / "d.jsonl", half + half)  # boundaries fall exactly after documents 39, 78
+    run("--data-files", data, "--out", tmp_path / "out", "--shard-size", size, "--max-shards", 1)
+    run("--data-files", data, "--out", tmp_path / "out", "--shard-size", size)  # resumes at document 39
+    assert [len(s) for s in load_shards(tmp_path / "out")] == [size, size]  # no empty third shard
+    np.testing.assert_array_equal(np.concatenate(load_shards(tmp_path / "out")), reference(half + half))
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert [(s["start"], s["end"]) for s in manifest["shards"]] == [([0, 0], [39, 0]), ([39, 0], [78, 0])]
+    run("--data-files", data, "--out", tmp_path / "short", "--shard-size", 2 * size - 1)
+    assert [len(s) for s in load_shards(tmp_path / "short")] == [2 * size - 1, 1]
+
+
+def test_stop_after_n_shards_resumes_to_identical_shards(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    run("--data-files", data, "--out", tmp_path / "ref", "--shard-size", 1000)
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 2)
+    manifest = json.load(open(out / "manifest.json"))
+    assert len(shard_files(out)) == 2 and not manifest["complete"]
+    assert manifest["shards"][1]["end"][1] > 0  # the stop is mid-document (inside the long first one)
+    assert "stopped at --max-shards" in capsys.readouterr().out
+    # continue with another worker count and streaming: neither changes what a shard holds
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 5, workers=1)
+    assert len(shard_files(out)) == 5
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--streaming")
+    assert "resuming: 5 finished shards" in capsys.readouterr().out
+    assert read_bytes(out) == read_bytes(tmp_path / "ref")
+    assert json.load(open(out / "manifest.json")) == json.load(open(tmp_path / "ref" / "manifest.json"))
+
+
+def test_missing_shard_is_rewritten(tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    before = read_bytes(out)
+    os.remove(out / "edufineweb_train_000003.npy")
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    assert read_bytes(out) == before
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_run_resumes_to_identical_shards(tmp_path, sig):
+    """SIGKILL to the process group: main process and worker pool die with no clean-up at all.
+    SIGINT to the process group: what Ctrl-C does; a short message, exit 130, no stray files."""
+    docs = PARAGRAPHS  # 330k tokens, 166 shards: the kill (after 2) lands mid-run
+    data = write_jsonl(tmp_path / "d.jsonl", docs)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "fineweb.py"), "--data-files", data, "--out", str(out),
+           "--shard-size", "2000", "--workers", "2", "--streaming"]
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        manifest_path = out / "manifest.json"
+        deadline = time.time() + 120
+        while not (manifest_path.exists() and len(json.load(open(manifest_path))["shards"]) >= 2):
+            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+            time.sleep(0.01)
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=60)
+    assert not json.load(open(manifest_path))["complete"], "the kill came too late to test a resume"
+    for f in shard_files(out):  # whatever the kill interrupted, no shard file is truncated
+        np.load(f)
+    if sig == signal.SIGINT:
+        err = open(tmp_path / "stderr.txt").read()
+        assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        assert not glob.glob(str(out / "*.tmp"))
+
+    run("--data-files", data, "--out", out, "--shard-size", 2000)
+    run("--data-files", data, "--out", tmp_path / "ref", "--shard-size", 2000)
+    assert read_bytes(out) == read_bytes(tmp_path / "ref")
+    np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(docs))
+
+
+# ---- bad input: exit 2, a message naming the problem, nothing written -------------------------------
+def fails(capsys, *args):
+    with pytest.raises(SystemExit) as e:
+        run(*args)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_no_text_column(tmp_path, capsys, streaming):
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:5], key="content")
+    err = fails(capsys, "--data-files", data, "--out", tmp_path / "out", *(["--streaming"] * streaming))
+    assert "no 'text' column" in err and "content" in err and "d.jsonl" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_text_that_is_not_a_string(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    err = fails(capsys, "--data-files", tmp_path / "d.jsonl", "--out", tmp_path / "out")
+    assert "NoneType, not a string" in err and not (tmp_path / "out").exists()
+
+
+def test_empty_dataset(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text("")
+    err = fails(capsys, "--data-files", tmp_path / "d.jsonl", "--out", tmp_path / "out")
+    assert "d.jsonl is empty" in err and not (tmp_path / "out").exists()
+    # a dataset with no rows that `datasets` itself loads (the Hub path): same error from write_shards
+    with pytest.raises(fineweb.DataError, match="empty"):
+        fineweb.write_shards(datasets.Dataset.from_dict({"text": []}), "empty", {"shard_size": 10},
+                             str(tmp_path / "out"), workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.parquet", b"not a parquet file at all", "Parquet magic bytes not found"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": oops\n', "JSON parse error"),
+])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unreadable_file(tmp_path, capsys, name, content, message, streaming):
+    (tmp_path / name).write_bytes(content)
+    err = fails(capsys, "--data-files", tmp_path / name, "--out", tmp_path / "out", *(["--streaming"] * streaming))
+    assert "could not read" in err and name in err and message in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files, message", [
+    (["missing.jsonl"], "'missing.jsonl': no such file"),
+    (["*.parquet"], "no such file"),
+    (["a.jsonl", "b.txt"], "one format"),
+    (["a.csv"], "one format"),
+])
+def test_bad_data_files(tmp_path, capsys, monkeypatch, files, message):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.txt", "a.csv"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    assert message in fails(capsys, "--data-files", *files, "--out", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_from_different_settings(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:100])
+    other = write_jsonl(tmp_path / "other.jsonl", DOCS[100:200])
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    before = read_bytes(out)
+    err = fails(capsys, "--data-files", data, "--out", out, "--shard-size", 2000)
+    assert f"--out {out}" in err and "shard_size=1000" in err and "2000" in err
+    err = fails(capsys, "--data-files", other, "--out", out, "--shard-size", 1000)
+    assert "data_files" in err and "other.jsonl" in err
+    assert read_bytes(out) == before
+    # shards with no manifest: written by something else, so never mixed with ours
+    os.remove(out / "manifest.json")
+    assert "no manifest.json" in fails(capsys, "--data-files", data, "--out", out, "--shard-size", 1000)
+    assert read_bytes(out) == before
+
+
+@pytest.mark.parametrize("flag", ["--shard-size", "--workers", "--max-shards"])
+def test_flags_must_be_positive(capsys, flag):
+    with pytest.raises(SystemExit) as e:
+        fineweb.main(["--data-files", "x.jsonl", flag, "0"])
+    assert e.value.code == 2 and f"{flag} must be at least 1" in capsys.readouterr().err
+
+
+def test_benchmark_reports_both_worker_counts_and_leaves_out_alone(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:100])
+    run("--data-files", data, "--out", tmp_path / "out", "--benchmark")
+    printed = capsys.readouterr().out
+    tokens = len(reference(DOCS[:100]))
+    assert f"workers   1: {tokens:,} tokens" in printed and f"workers   2: {tokens:,} tokens" in printed
+    assert not (tmp_path / "out").exists()
