@@ -1,0 +1,138 @@
+"""Time train_gpt2.py's real training step (forward, backward, clip, AdamW) on synthetic tokens.
+
+Everything timed is imported from train_gpt2.py and model.py: the model, the optimizer, autocast,
+torch.compile and the data loader (fed an in-memory random shard, so its pinned host-to-device copy
+is timed too). Each variant changes one thing from the first, and the table ends with ms/step,
+tokens/s, MFU and peak memory.
+
+    python bench.py                       # on a GPU: the 124M recipe, every variant below
+    python bench.py --variants eager,compile --steps 5
+    python bench.py --tiny                # a tiny model on the CPU, for CI (no MFU on a CPU)
+"""
+import argparse
+import contextlib
+import time
+
+import numpy as np
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from model import GPT, GPTConfig
+from train_gpt2 import DataLoader, train_step
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+# name -> changes from the default: compiled, micro-batch 64, PyTorch's choice of attention, vocab 50304
+VARIANTS = {
+    "eager": dict(compile=None),  # the walkthrough's final setting (it had to turn compile off)
+    "compile": dict(),
+    "compile-max-autotune": dict(compile="max-autotune"),
+    "compile-B16": dict(batch_size=16),
+    "compile-B32": dict(batch_size=32),
+    "compile-flash": dict(backend="flash"),
+    "compile-cudnn": dict(backend="cudnn"),
+    "compile-efficient": dict(backend="efficient"),
+    "compile-vocab50257": dict(padded_vocab_size=50257),
+}
+
+
+def run_variant(name, args, device):
+    v = dict(compile="default", batch_size=args.batch_size, backend=None, padded_vocab_size=50304)
+    v.update(VARIANTS[name])
+    B, T = v["batch_size"], args.seq_len
+    if args.total_batch_size % (B * T):
+        raise SystemExit(f"--total-batch-size {args.total_batch_size} is not a multiple of {B} x {T}")
+    accum = args.total_batch_size // (B * T)
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=T, padded_vocab_size=v["padded_vocab_size"], **args.shape)
+    raw = GPT(config).to(device)
+    optimizer = raw.configure_optimizers(0.1, 6e-4, device.type, verbose=False)
+    model = torch.compile(raw, mode=v["compile"]) if v["compile"] else raw
+    tokens = np.random.default_rng(0).integers(0, 50257, 4 * args.total_batch_size + 1, dtype=np.uint16)
+    loader = DataLoader([("synthetic", tokens)], B, T, grad_accum_steps=accum, shuffle=False, device=device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    cuda = device.type == "cuda"
+    attention = sdpa_kernel(BACKENDS[v["backend"]]) if v["backend"] else contextlib.nullcontext()
+
+    def step():
+        return train_step(model, optimizer, loader, accum, 6e-4, 1.0, dtype)
+
+    with attention:
+        try:
+            for _ in range(args.warmup):  # compile, autotuning, allocator warm-up
+                step()
+        except RuntimeError as e:  # e.g. an attention backend this GPU or build lacks
+            return dict(name=name, error=str(e).splitlines()[0][:80])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside the step raises
+            try:
+                step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            loss, norm = step()
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            ms = start.elapsed_time(end) / args.steps
+        else:
+            ms = (time.perf_counter() - t0) * 1000 / args.steps
+    tok_per_s = args.total_batch_size / (ms / 1000)
+    return dict(name=name, B=B, accum=accum, ms=ms, tok_per_s=tok_per_s, loss=loss.item(),
+                mfu=raw.estimate_mfu(tok_per_s, T, args.peak_tflops * 1e12) if cuda else None,
+                mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model, T=64, total batch 1024 (CPU, CI)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--batch-size", type=int, default=64, help="default micro-batch (default 64)")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
+    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per step (default 524288)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
+    args = p.parse_args()
+    args.shape = dict(n_layer=12, n_head=12, n_embd=768)
+    if args.tiny:
+        args.shape = dict(n_layer=2, n_head=2, n_embd=64)
+        args.seq_len, args.batch_size, args.total_batch_size = 64, 8, 1024
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # as train_gpt2.py does
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {gpu}; model {args.shape}, T={args.seq_len}, "
+          f"{args.total_batch_size:,} tokens per step")
+
+    rows = []
+    for name in args.variants.split(","):
+        rows.append(run_variant(name, args, device))
+        r = rows[-1]
+        print(f"  {name}: " + (r["error"] if "error" in r else f"{r['ms']:.1f} ms/step"), flush=True)
+        torch._dynamo.reset()  # each variant compiles afresh
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | | unavailable: {r['error']} | | | |")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        mem = f"{r['mem']:.1f} GiB" if r["mem"] is not None else "-"
+        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} |")
+
+
+if __name__ == "__main__":
+    main()
