@@ -53,20 +53,22 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.RESIDUAL_SCALE_INIT = True
 
-    def forward(self, x, kv=None):
+    def forward(self, x, kv=None, attn_mask=None):
         """x: (B, T, C). kv: this layer's cached (keys, values) of earlier positions, or None.
+        attn_mask: bool, True where a query may see a key, instead of the causal mask.
         Returns the output and the (keys, values) of all positions so far."""
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if kv is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        if kv is not None:  # earlier positions come from the cache
             k, v = torch.cat([kv[0], k], dim=2), torch.cat([kv[1], v], dim=2)
-            past = k.size(2) - T
+        past = k.size(2) - T
+        if attn_mask is None and past > 0 and T > 1:
             # new token i sits at position past + i and sees keys 0 .. past + i
-            mask = None if T == 1 else torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+        # no cache: plain causal attention (the fast kernels); one new token: it sees every key
+        causal = attn_mask is None and past == 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y), (k, v)
 
@@ -91,8 +93,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv=None):
-        a, kv = self.attn(self.ln_1(x), kv)  # pre-LayerNorm: the residual stream is never normalised
+    def forward(self, x, kv=None, attn_mask=None):
+        a, kv = self.attn(self.ln_1(x), kv, attn_mask)  # pre-LayerNorm: the residual stream is never normalised
         x = x + a
         x = x + self.mlp(self.ln_2(x))
         return x, kv
@@ -128,12 +130,14 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
-    def hidden_states(self, idx, kv_cache=None):
+    def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
         """Final-LayerNorm output (B, T, n_embd) for tokens idx (B, T) that follow the positions in
-        kv_cache (a list of per-layer (keys, values), or None). Returns it and the updated cache."""
+        kv_cache (a list of per-layer (keys, values), or None). Returns it and the updated cache.
+        For packed rows (hellaswag.py), pos gives each token's position (B, T) and attn_mask
+        (B, 1, T, T; True = may attend) replaces the causal mask."""
         B, T = idx.size()
         past = 0 if kv_cache is None else kv_cache[0][0].size(2)
-        if past + T > self.config.block_size:
+        if pos is None and past + T > self.config.block_size:
             raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
         # Checking ids is free on the CPU; on a GPU it would stall the pipeline every step (the
         # training data loader checks its shards instead, and CUDA asserts on a bad id anyway).
@@ -142,11 +146,12 @@ class GPT(nn.Module):
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        if pos is None:
+            pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         new_cache = []
         for i, block in enumerate(self.transformer.h):
-            x, kv = block(x, None if kv_cache is None else kv_cache[i])
+            x, kv = block(x, None if kv_cache is None else kv_cache[i], attn_mask)
             new_cache.append(kv)
         return self.transformer.ln_f(x), new_cache
 
