@@ -1,0 +1,399 @@
+"""HellaSwag, completion style: which of 4 endings does the model find most likely after the context?
+
+Each ending is scored by the cross-entropy of its tokens given the context: acc picks the lowest
+summed loss, acc_norm the lowest mean loss per token (which does not favour short endings). This is
+the method of Karpathy's build-nanoGPT; on the 10,042 validation examples OpenAI's GPT-2 124M gets
+acc 0.2859 / acc_norm 0.2955 and GPT-2 1558M 0.3842 / 0.4893.
+
+    python hellaswag.py -m gpt2                       # or gpt2-xl, an HF directory, a train_gpt2.py checkpoint
+    python hellaswag.py -m log/ckpt_019073.pt --dtype bfloat16 --limit 1000
+
+Speed comes from doing less work, in fewer passes (see `_score_batch`): the 4 endings of an example
+share one context, so it is computed once, with the endings packed after it in a single row; the
+50257-way vocabulary projection, a third of a 124M model's work per token, is done only where a
+position predicts an ending token; and many examples share each forward pass. `score_naive` is
+the plain loop (one example, 4 full rows, logits everywhere), the reference for tests and
+`--benchmark`.
+"""
+import argparse
+import functools
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+import urllib.request
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
+SPLITS = ("train", "val", "test")
+NUM_ENDINGS = 4
+
+
+class HellaSwagUnavailable(RuntimeError):
+    """The split is not in the cache directory and cannot be downloaded (offline?)."""
+
+
+# ---------------------------------------------------------------- data
+
+
+def download_split(split, cache_dir=DEFAULT_CACHE_DIR):
+    """Path of hellaswag_{split}.jsonl in cache_dir, downloading it first if it is not there."""
+    path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
+    if os.path.isfile(path):
+        return path
+    url = DATA_URL.format(split=split)
+    os.makedirs(cache_dir, exist_ok=True)
+    # a unique temporary name: ranks that download at once never write into each other's file
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".hellaswag_{split}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        os.replace(tmp, path)  # never a half-written file under the real name
+    except OSError as e:  # urllib's URLError is an OSError
+        os.unlink(tmp)
+        raise HellaSwagUnavailable(f"could not download {url} ({e}); with no internet, copy the file to "
+                                   f"{path} or pass a local file with --data-file") from e
+    return path
+
+
+def load_examples(split="val", cache_dir=DEFAULT_CACHE_DIR, data_file=None, download=True):
+    """Validated examples of data_file, or of the split (downloaded into cache_dir once)."""
+    if data_file is None:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+        data_file = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
+        if not os.path.isfile(data_file):
+            if not download:
+                raise HellaSwagUnavailable(f"{data_file} does not exist and downloading is off")
+            data_file = download_split(split, cache_dir)
+    elif not os.path.isfile(data_file):
+        raise FileNotFoundError(f"{data_file}: no such file")
+    examples = []
+    with open(data_file, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                where = f"{data_file}, line {lineno}"
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                examples.append(check_example(example, where))
+    if not examples:
+        raise ValueError(f"{data_file}: no examples")
+    return examples
+
+
+def check_example(example, where="example"):
+    """The fields scoring needs, in the official schema: ctx, 4 endings, label 0-3."""
+    if not isinstance(example, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(example).__name__}")
+    for field in ("ctx", "endings", "label"):
+        if field not in example:
+            hint = " (HellaSwag's test labels are hidden: evaluate on val)" if field == "label" else ""
+            raise ValueError(f"{where}: missing field {field!r}{hint}")
+    if not isinstance(example["ctx"], str) or not example["ctx"]:
+        raise ValueError(f"{where}: 'ctx' must be a non-empty string")
+    endings = example["endings"]
+    if not (isinstance(endings, list) and len(endings) == NUM_ENDINGS and all(isinstance(e, str) for e in endings)):
+        raise ValueError(f"{where}: 'endings' must be a list of {NUM_ENDINGS} strings")
+    label = example["label"]
+    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
+        raise ValueError(f"{where}: 'label' must be an integer 0-{NUM_ENDINGS - 1}, got {label!r}")
+    return example
+
+
+@functools.cache
+def gpt2_tokenizer():
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+def encode_example(example, block_size=None):
+    """(context tokens, [tokens of each " " + ending], label). When context + longest ending is
+    longer than block_size, tokens are dropped from the left of the context, the same for all 4."""
+    enc = gpt2_tokenizer()
+    ctx = enc.encode(example["ctx"])
+    endings = [enc.encode(" " + e) for e in example["endings"]]  # " " + "" is still one token
+    longest = max(len(e) for e in endings)
+    if block_size is not None and len(ctx) + longest > block_size:
+        room = block_size - longest
+        if room < 1:
+            raise ValueError(f"an ending of {longest} tokens leaves no room for context in block_size {block_size}")
+        ctx = ctx[-room:]
+    return ctx, endings, example["label"]
+
+
+def render_example(example, block_size=None):
+    """tokens (4, T): the context followed by each ending, right-padded with 0; mask (4, T): 1 over
+    the ending tokens; and the label."""
+    ctx, endings, label = encode_example(example, block_size)
+    T = len(ctx) + max(len(e) for e in endings)
+    tokens = torch.zeros(NUM_ENDINGS, T, dtype=torch.long)
+    mask = torch.zeros(NUM_ENDINGS, T, dtype=torch.long)
+    for i, e in enumerate(endings):
+        tokens[i, : len(ctx) + len(e)] = torch.tensor(ctx + e)
+        mask[i, len(ctx) : len(ctx) + len(e)] = 1
+    return tokens, mask, label
+
+
+# ---------------------------------------------------------------- scoring
+
+
+@contextmanager
+def inference(model, device, autocast_dtype=None):
+    """Eval mode (restored afterwards), no autograd, optional autocast."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=autocast_dtype,
+                                             enabled=autocast_dtype is not None):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def score_naive(model, example, device):
+    """The plain way, for reference: 4 full rows in one forward pass, logits at every position.
+    Returns (summed loss, mean loss) of each ending, shape (4,). Call inside `inference`."""
+    tokens, mask, _ = render_example(example, model.config.block_size)
+    tokens, mask = tokens.to(device), mask.to(device)
+    logits, _ = model(tokens)
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    mask = mask[:, 1:]  # position t predicts token t + 1
+    summed = (losses * mask).sum(dim=1)
+    return summed, summed / mask.sum(dim=1)
+
+
+def _batches(encoded, batch_size, max_padding=0.25):
+    """Example indices in batches of at most batch_size, sorted by packed row length (see
+    _score_batch). A batch closes early rather than pad its rows by more than max_padding of their
+    real tokens: a few examples spread over many lengths (--limit, a rank's share) would otherwise
+    waste most of a batch on padding; on the whole val set batches are full and barely padded."""
+    packed = [len(ctx) + sum(len(e) - 1 for e in ends) for ctx, ends, _ in encoded]
+    batches, run, real = [], [], 0
+    for i in sorted(range(len(encoded)), key=packed.__getitem__):
+        longest = packed[i]  # ascending order: the newest is the longest
+        if run and (len(run) == batch_size or (len(run) + 1) * longest > (1 + max_padding) * (real + longest)):
+            batches.append(run)
+            run, real = [], 0
+        run.append(i)
+        real += longest
+    return batches + [run] if run else batches
+
+
+def _score_batch(model, batch, device):
+    """(summed, mean) losses, each (B, 4), of the endings of B encoded examples, in one forward pass.
+
+    Each example is one row: its context once, then each ending but its last token (which predicts
+    nothing). Every ending's positions restart where the context ends, and the mask lets an ending
+    token see the context and its own ending's earlier tokens only, so each token computes what it
+    would in the plain row [context + ending], while the context is computed once instead of 4 times.
+    Logits are computed only at the positions that predict an ending token."""
+    B, T = len(batch), max(len(ctx) + sum(len(e) - 1 for e in ends) for ctx, ends, _ in batch)
+    tokens, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    segment = torch.full((B, T), -1)  # 0: context, j + 1: ending j, -1: padding
+    predictors, source, targets, row_of = [], [], [], []  # source: which predictor scores each target
+    for b, (ctx, ends, _) in enumerate(batch):
+        n = len(ctx)
+        tokens[b, :n], pos[b, :n], segment[b, :n] = torch.tensor(ctx), torch.arange(n), 0
+        predictors.append(b * T + n - 1)  # the last context token predicts all 4 first tokens
+        last_ctx, start = len(predictors) - 1, n
+        for j, e in enumerate(ends):
+            m = len(e) - 1
+            tokens[b, start : start + m], pos[b, start : start + m] = torch.tensor(e[:-1]), torch.arange(n, n + m)
+            segment[b, start : start + m] = j + 1
+            source += [last_ctx] + list(range(len(predictors), len(predictors) + m))
+            predictors += range(b * T + start, b * T + start + m)
+            targets += e
+            row_of += [NUM_ENDINGS * b + j] * len(e)
+            start += m
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    mask = (pos[:, None, :] <= pos[:, :, None]) & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+    tokens, pos, mask = tokens.to(device), pos.to(device), mask.to(device)
+    h = model.hidden_states(tokens, pos=pos, attn_mask=mask[:, None])[0].view(B * T, -1)  # one mask, all heads
+    logits = model.logits(h[torch.tensor(predictors, device=device)]).float()
+    source, targets = torch.tensor(source, device=device), torch.tensor(targets, device=device)
+    nll = torch.logsumexp(logits, dim=-1)[source] - logits[source, targets]  # cross-entropy, row by row
+    summed = torch.zeros(B * NUM_ENDINGS, device=device).index_add_(0, torch.tensor(row_of, device=device), nll)
+    lengths = torch.tensor([[len(e) for e in ends] for _, ends, _ in batch], device=device)
+    return summed.view(B, NUM_ENDINGS), summed.view(B, NUM_ENDINGS) / lengths
+
+
+def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, progress=False):
+    """(summed, mean) loss of every ending, float32 CPU tensors (len(examples), 4), in input order."""
+    if model.config.vocab_size < gpt2_tokenizer().n_vocab:
+        raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's tokenizer's")
+    encoded = [encode_example(ex, model.config.block_size) for ex in examples]
+    summed = torch.empty(len(examples), NUM_ENDINGS)
+    mean = torch.empty(len(examples), NUM_ENDINGS)
+    with inference(model, device, autocast_dtype), tqdm(total=len(examples), disable=not progress,
+                                                        desc="hellaswag", unit="ex") as bar:
+        for batch in _batches(encoded, batch_size):
+            s, m = _score_batch(model, [encoded[i] for i in batch], device)
+            summed[batch], mean[batch] = s.cpu(), m.cpu()
+            bar.update(len(batch))
+    return summed, mean
+
+
+def evaluate(model, examples, device, batch_size=32, rank=0, world_size=1, autocast_dtype=None,
+             progress=False, return_predictions=False):
+    """acc and acc_norm of model on examples; rank r scores examples[r::world_size] and, under
+    torch.distributed, the counts of all ranks are summed. With return_predictions, the result also
+    has "predictions": (index, pred, pred_norm) for each example this rank scored."""
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    mine = range(rank, len(examples), world_size)
+    summed, mean = score_examples(model, [examples[i] for i in mine], device, batch_size, autocast_dtype,
+                                  progress and rank == 0)
+    labels = torch.tensor([examples[i]["label"] for i in mine], dtype=torch.long)
+    pred, pred_norm = summed.argmin(dim=1), mean.argmin(dim=1)  # ties: the first, as in the plain loop
+    counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()], device=device)
+    if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    n, correct, correct_norm = counts.tolist()
+    result = dict(n=n, correct=correct, correct_norm=correct_norm, acc=correct / n, acc_norm=correct_norm / n)
+    if return_predictions:
+        result["predictions"] = list(zip(mine, pred.tolist(), pred_norm.tolist()))
+    return result
+
+
+# ---------------------------------------------------------------- benchmark
+
+
+def fake_examples(text_file, n, seed=0):
+    """n examples in the official schema built from any text, for benchmarking offline: the
+    context is 1-3 consecutive sentences, the true ending the next one, the others random
+    sentences of about its length."""
+    with open(text_file, encoding="utf-8") as f:
+        sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", f.read())]
+    sentences = [s for s in sentences if 3 <= len(s.split()) <= 30]
+    by_words = {}  # like HellaSwag's, the wrong endings are about as long as the right one
+    for s in sentences:
+        by_words.setdefault(len(s.split()), []).append(s)
+    if len(sentences) < 10:
+        raise ValueError(f"{text_file}: too few sentences to build examples from")
+    rng = random.Random(seed)
+    examples = []
+    for i in range(n):
+        k = rng.randint(1, 3)
+        start = rng.randrange(len(sentences) - k)
+        ctx, true, label = " ".join(sentences[start : start + k]), sentences[start + k], rng.randrange(4)
+        words = len(true.split())
+        similar = [s for w in range(words - 2, words + 3) for s in by_words.get(w, []) if s != true]
+        endings = rng.sample(similar if len(similar) >= 3 else sentences, 3)
+        endings.insert(label, true)
+        examples.append(dict(ind=i, activity_label="fake", ctx_a=ctx, ctx_b="", ctx=ctx, split="val",
+                             split_type="fake", endings=endings, source_id=f"fake~{start}", label=label))
+    return examples
+
+
+def benchmark(model, examples, device, batch_size=32, autocast_dtype=None):
+    """examples/s of the plain loop and of the batched scoring on the same examples, and whether
+    they agree. The two alternate batch by batch, so that a busy machine slows both alike."""
+    t0 = time.perf_counter()
+    encoded = [encode_example(ex, model.config.block_size) for ex in examples]
+    t_fast, t_naive = time.perf_counter() - t0, 0.0
+    naive, fast = torch.empty(2, len(examples), NUM_ENDINGS), torch.empty(2, len(examples), NUM_ENDINGS)
+    with inference(model, device, autocast_dtype):
+        score_naive(model, examples[0], device)  # warm-up: CUDA context, kernels, allocator
+        _score_batch(model, encoded[:1], device)
+        for batch in tqdm(_batches(encoded, batch_size), desc="benchmark", unit="batch"):
+            t0 = time.perf_counter()
+            for i in batch:
+                naive[:, i] = torch.stack(score_naive(model, examples[i], device)).cpu()
+            t1 = time.perf_counter()
+            fast[:, batch] = torch.stack(_score_batch(model, [encoded[i] for i in batch], device)).cpu()
+            t_naive, t_fast = t_naive + t1 - t0, t_fast + time.perf_counter() - t1
+    return dict(n=len(examples), naive_per_s=len(examples) / t_naive, fast_per_s=len(examples) / t_fast,
+                speedup=t_naive / t_fast, same_predictions=bool((naive.argmin(2) == fast.argmin(2)).all()),
+                max_rel_diff=((naive - fast).abs() / naive.abs()).max().item())
+
+
+# ---------------------------------------------------------------- command line
+
+
+def positive_int(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return int(s)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="HellaSwag accuracy (completion style) of a GPT-2 model.")
+    p.add_argument("-m", "--model", default="gpt2", help="an OpenAI size (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
+                   "a Hugging Face save_pretrained directory, or a train_gpt2.py checkpoint (default: gpt2)")
+    p.add_argument("--random-init", action="store_true", help="random weights of the -m size instead (no download; "
+                   "for benchmarks and smoke tests)")
+    p.add_argument("--split", default="val", choices=SPLITS, help="split to download and evaluate (default: val)")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where splits are downloaded (default: hellaswag/)")
+    p.add_argument("--data-file", help="evaluate this local jsonl (official schema) instead of a downloaded split")
+    p.add_argument("--fake-from", metavar="TEXT_FILE", help="instead, build fake examples from sentences of a text "
+                   "file (for --benchmark offline)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward pass (default: 32)")
+    p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all; 32 with --benchmark)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="autocast dtype; bfloat16 is fastest on a recent GPU (default: float32)")
+    p.add_argument("--benchmark", action="store_true", help="time the plain one-example loop against the batched "
+                   "evaluation on the same examples and check that they agree")
+    args = p.parse_args(argv)
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    limit = args.limit or (32 if args.benchmark else None)
+    try:
+        if args.fake_from:
+            examples = fake_examples(args.fake_from, limit or 1000)
+        else:
+            examples = load_examples(args.split, args.cache_dir, args.data_file)[:limit]
+    except HellaSwagUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from model import GPT, config_for
+
+    try:
+        model = GPT(config_for(args.model)) if args.random_init else GPT.from_pretrained(args.model)
+    except (ValueError, OSError) as e:
+        print(f"error: -m {args.model}: {e}", file=sys.stderr)
+        return 2
+    model.to(device)
+
+    if args.benchmark:
+        r = benchmark(model, examples, device, args.batch_size, autocast_dtype)
+        print(f"{r['n']} examples, {args.model}{' (random weights)' if args.random_init else ''}, {device}, {args.dtype}")
+        print(f"plain loop  {r['naive_per_s']:8.2f} examples/s")
+        print(f"batched     {r['fast_per_s']:8.2f} examples/s  (batch size {args.batch_size})")
+        print(f"speedup     {r['speedup']:8.2f}x")
+        print(f"identical predictions: {'yes' if r['same_predictions'] else 'NO'}; "
+              f"largest relative difference in a loss {r['max_rel_diff']:.1e}")
+        return 0 if r["same_predictions"] else 1
+    t0 = time.perf_counter()
+    r = evaluate(model, examples, device, args.batch_size, autocast_dtype=autocast_dtype, progress=True)
+    dt = time.perf_counter() - t0
+    print(f"examples   {r['n']}")
+    print(f"acc        {r['acc']:.4f}  ({r['correct']}/{r['n']})")
+    print(f"acc_norm   {r['acc_norm']:.4f}  ({r['correct_norm']}/{r['n']})")
+    print(f"examples/s {r['n'] / dt:.1f}  ({dt:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
