@@ -69,6 +69,9 @@ def run_variant(name, args, device):
             torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside the step raises
             try:
                 step()
+                syncs = "none"
+            except RuntimeError as e:
+                syncs = f"SYNC: {str(e).splitlines()[0][:60]}"
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -84,6 +87,7 @@ def run_variant(name, args, device):
             ms = (time.perf_counter() - t0) * 1000 / args.steps
     tok_per_s = args.total_batch_size / (ms / 1000)
     return dict(name=name, B=B, accum=accum, ms=ms, tok_per_s=tok_per_s, loss=loss.item(),
+                syncs=syncs if cuda else "-",
                 mfu=raw.estimate_mfu(tok_per_s, T, args.peak_tflops * 1e12) if cuda else None,
                 mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
@@ -123,15 +127,15 @@ def main():
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory | syncs in step |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']} | | unavailable: {r['error']} | | | |")
+            print(f"| {r['name']} | | unavailable: {r['error']} | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['mem']:.1f} GiB" if r["mem"] is not None else "-"
-        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} |")
+        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} | {r['syncs']} |")
 
 
 if __name__ == "__main__":
