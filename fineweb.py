@@ -41,13 +41,23 @@ class DataError(Exception):
 
 
 # ---- tokenization (runs in the pool workers) ----------------------------------------------------
-_enc = None
+_enc = _ds = None
 
 
-def _init_worker():
-    global _enc
+def _init_worker(ds=None):
+    global _enc, _ds
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool, quietly
     _enc = tiktoken.get_encoding(TOKENIZER)  # once per worker, not once per document
+    _ds = ds  # a map-style dataset is memory-mapped Arrow: each worker reads its own documents
+
+
+def tokenize_rows(task):
+    """tokenize() of the documents ds[start:stop], read by the worker itself: so the main process
+    hands out two numbers per task instead of the texts, and keeps up with many more workers."""
+    start, stop, what = task
+    texts = _ds[start:stop]["text"]
+    check_texts(texts, what)
+    return tokenize(texts)
 
 
 def tokenize(texts):
@@ -117,16 +127,32 @@ def load_documents(settings, streaming):
     return (ds.select_columns(["text"]) if columns is not None else ds), what
 
 
+def check_texts(texts, what):
+    for text in texts:
+        if not isinstance(text, str):
+            raise DataError(f"{what}: a document's 'text' is {type(text).__name__}, not a string")
+
+
+def row_ranges(ds, what, skip):
+    """Pool tasks for a map-style dataset: (start, stop) rows of ~TASK_CHARS, from document `skip` on.
+
+    The rows per task come from the average length of the first documents."""
+    sample = [len(text) for text in ds[:1000]["text"] if isinstance(text, str)]
+    rows = max(1, round(TASK_CHARS * len(sample) / max(1, sum(sample))))
+    for start in range(skip, len(ds), rows):
+        yield start, min(start + rows, len(ds)), what
+
+
 def batches(ds, what, skip):
-    """Lists of document texts (pool tasks of ~TASK_CHARS), in order, from document `skip` on."""
+    """Lists of document texts (pool tasks of ~TASK_CHARS), in order, from document `skip` on:
+    for a streaming dataset, which only the main process can read."""
     task, chars = [], 0
     try:
         for rows in (ds.skip(skip) if skip else ds).iter(batch_size=1024):  # far faster than row by row
             if "text" not in rows:
                 raise DataError(f"{what} has no 'text' column (columns: {list(rows)})")
+            check_texts(rows["text"], what)
             for text in rows["text"]:
-                if not isinstance(text, str):
-                    raise DataError(f"{what}: a document's 'text' is {type(text).__name__}, not a string")
                 task.append(text)
                 chars += len(text)
                 if chars >= TASK_CHARS:
@@ -215,10 +241,16 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
         if bar is not None:
             bar.close()
 
+    import datasets
+
+    if isinstance(ds, datasets.Dataset):  # map-style: the workers read their own rows
+        work, tasks, shared = tokenize_rows, row_ranges(ds, what, skip=doc), ds
+    else:  # streaming: the main process reads, and sends the texts
+        work, tasks, shared = tokenize, batches(ds, what, skip=doc), None
     tiktoken.get_encoding(TOKENIZER)  # loaded (~0.3 s) once here: forked workers inherit tiktoken's cache
-    with Pool(workers, initializer=_init_worker) as pool:
+    with Pool(workers, initializer=_init_worker, initargs=(shared,)) as pool:
         # imap: results come back in document order, while the workers run ahead on later batches
-        for tokens, lengths in pool.imap(tokenize, batches(ds, what, skip=doc)):
+        for tokens, lengths in pool.imap(work, tasks):
             ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
             pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
             while pos < len(tokens):  # the batch may fill the current shard, or several

@@ -209,9 +209,10 @@ def test_no_text_column(tmp_path, capsys, streaming):
     assert not (tmp_path / "out").exists()
 
 
-def test_text_that_is_not_a_string(tmp_path, capsys):
+@pytest.mark.parametrize("streaming", [False, True])  # checked by a worker / by the main process
+def test_text_that_is_not_a_string(tmp_path, capsys, streaming):
     (tmp_path / "d.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
-    err = fails(capsys, "--data-files", tmp_path / "d.jsonl", "--out", tmp_path / "out")
+    err = fails(capsys, "--data-files", tmp_path / "d.jsonl", "--out", tmp_path / "out", *(["--streaming"] * streaming))
     assert "NoneType, not a string" in err and not (tmp_path / "out").exists()
 
 
