@@ -284,3 +284,26 @@ def test_benchmark_reports_both_worker_counts_and_leaves_out_alone(tmp_path, cap
     tokens = len(reference(DOCS[:100]))
     assert f"workers   1: {tokens:,} tokens" in printed and f"workers   2: {tokens:,} tokens" in printed
     assert not (tmp_path / "out").exists()
+
+
+def test_shards_load_in_train_gpt2_loader(tmp_path):
+    """train_gpt2.py finds fineweb.py's shards by name and reads them: one unshuffled epoch of its
+    loader is exactly the train shards' tokens, the val loader starts with the val shard's."""
+    import torch
+
+    from train_gpt2 import DataLoader, data_sources
+
+    out = str(tmp_path / "shards")
+    run("--data-files", write_jsonl(tmp_path / "docs.jsonl", DOCS), "--out", out, "--shard-size", 5000)
+    arrays = load_shards(out)
+    train, val = data_sources(out)
+    assert [os.path.basename(f) for f in val] == ["edufineweb_val_000000.npy"]
+    assert len(train) == len(arrays) - 1 >= 2
+    B, T = 2, 32
+    loader = DataLoader(train, B, T, shuffle=False)
+    expected = np.concatenate(arrays[1:])
+    seen = [loader.next_batch()[0] for _ in range((len(expected) - 1) // (B * T))]
+    got = torch.cat([x.flatten() for x in seen]).numpy()
+    assert np.array_equal(got, expected[: len(got)].astype(np.int64))
+    x, y = DataLoader(val, B, T, shuffle=False).next_batch()
+    assert np.array_equal(x.flatten().numpy(), arrays[0][: B * T]) and np.array_equal(y.flatten().numpy(), arrays[0][1 : B * T + 1])
