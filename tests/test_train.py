@@ -79,6 +79,23 @@ def complete_lines(path):
         return sum(line.endswith("\n") for line in f)
 
 
+@contextlib.contextmanager
+def running_until_logged(cmd, log_dir, records=3):
+    """Start cmd (a training run writing to log_dir) and wait for `records` complete log lines;
+    on leaving, make sure no process of it is left behind, whatever happened."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while complete_lines(log_dir / "log.jsonl") < records:
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.2)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run(args, capsys=None):
     code = tg.main(args)
     return code if capsys is None else (code, *capsys.readouterr())
@@ -287,19 +304,11 @@ def test_sigterm_mid_run_leaves_a_checkpoint_the_resumed_run_continues_exactly(s
     # a constant learning rate, so that the schedule does not depend on --max-steps
     common = [*TINY, "--data", shards, "--warmup-steps", "0", "--min-lr-ratio", "1"]
     log_dir = tmp_path / "sig"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *common, "--max-steps", "100000",
-                             "--log-dir", str(log_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while complete_lines(log_dir / "log.jsonl") < 3:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+    cmd = [sys.executable, os.path.join(ROOT, "train_gpt2.py"), *common, "--max-steps", "100000",
+           "--log-dir", str(log_dir)]
+    with running_until_logged(cmd, log_dir) as proc:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # on failure, leave no worker behind
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "stopped by a signal" in out
     (ckpt_path,) = log_dir.glob("ckpt_*.pt")
@@ -345,23 +354,15 @@ def test_two_gloo_ranks_match_one_process_with_twice_the_accumulation(shards, tm
 def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(shards, tmp_path):
     # preemption may reach one worker only: SIGTERM rank 1, and rank 0 (which writes checkpoints) must stop too
     log_dir = tmp_path / "ddp"
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(ROOT, "train_gpt2.py"), *TINY, "--data", shards, "--max-steps", "100000",
-                             "--log-dir", str(log_dir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while complete_lines(log_dir / "log.jsonl") < 3:
-            assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
-            time.sleep(0.2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_gpt2.py"), *TINY, "--data", shards, "--max-steps", "100000",
+           "--log-dir", str(log_dir)]
+    with running_until_logged(cmd, log_dir) as proc:
         rank1 = [pid for pid in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
                  .stdout.split() if b"RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")]
         assert len(rank1) == 1
         os.kill(int(rank1[0]), signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # on failure, leave no worker behind
-            os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     (ckpt_path,) = log_dir.glob("ckpt_*.pt")
     k = torch.load(ckpt_path, weights_only=True)["step"]
