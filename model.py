@@ -5,9 +5,8 @@ between the two with only one change: HF stores its linear layers as `Conv1D`, w
 the transpose of `nn.Linear`'s.
 """
 import inspect
-import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
