@@ -138,8 +138,9 @@ class GPT(nn.Module):
         past = 0 if kv_cache is None else kv_cache[0][0].size(2)
         if pos is None and past + T > self.config.block_size:
             raise ValueError(f"sequence length {past + T} exceeds block_size {self.config.block_size}")
-        # Checking ids is free on the CPU; on a GPU it would stall the pipeline every step (the
-        # training data loader checks its shards instead, and CUDA asserts on a bad id anyway).
+        # Checking ids is free on the CPU; on a GPU it would stall the pipeline every step, so there
+        # the callers check instead: the training loader checks its shards, generate its prompt.
+        # (CUDA asserts on an id past the padded rows, but ids in [vocab_size, padded) would pass.)
         if idx.device.type == "cpu" and T > 0 and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -196,6 +197,15 @@ class GPT(nn.Module):
         """Continue idx (B, T) by max_new_tokens tokens. temperature 0 is greedy; top_k None keeps
         every token. With the key/value cache the prompt is processed once, then one token per
         step; without it (use_cache=False, for testing) every step recomputes the whole window."""
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"the prompt must be a (batch, length >= 1) tensor of ids, got shape {tuple(idx.shape)}")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size:  # one check per call, on any device
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size}), "
+                             f"got {int(idx.min())}..{int(idx.max())}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, or None to keep every token; got {top_k}")
         cache = None
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and idx.size(1) <= self.config.block_size:
@@ -220,28 +230,29 @@ class GPT(nn.Module):
         """Load an OpenAI size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once from
         the Hugging Face hub into its cache), a local directory written by HF's save_pretrained
         or by save_hf, or a checkpoint file written by train_gpt2.py. padded_vocab_size (e.g.
-        50304) adds zero embedding rows, for fine-tuning at the faster padded size; they never
-        reach sampling or a loss."""
+        50304) sets the number of embedding rows, extra rows starting at zero (for fine-tuning at
+        the faster padded size; they never reach sampling or a loss); 0 keeps the source's own."""
         if name_or_path in OPENAI_SIZES:
             from huggingface_hub import hf_hub_download
 
-            config = config_for(name_or_path, padded_vocab_size=padded_vocab_size)
+            model = cls(config_for(name_or_path, padded_vocab_size=padded_vocab_size))
             weights_file = hf_hub_download(f"openai-community/{name_or_path}", "model.safetensors")
+            model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         elif os.path.isfile(name_or_path):  # a checkpoint written by train_gpt2.py
-            ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
-            if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-                raise ValueError(f"{name_or_path}: not a train_gpt2.py checkpoint (no 'model' and 'config')")
-            model = cls(GPTConfig(**ckpt["config"]))
-            model.load_state_dict(ckpt["model"])
-            return model
+            try:
+                ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
+                config = {**ckpt["config"], **({"padded_vocab_size": padded_vocab_size} if padded_vocab_size else {})}
+                model = cls(GPTConfig(**config))
+            except Exception as e:  # not a zip/pickle, no "config", unknown fields, a bad shape...
+                raise ValueError(f"{name_or_path}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from e
+            model._copy_weights(ckpt["model"], source=name_or_path)
         elif os.path.isdir(name_or_path):
-            config = _config_from_hf_dir(name_or_path, padded_vocab_size)
+            model = cls(_config_from_hf_dir(name_or_path, padded_vocab_size))
             weights_file = _weights_file_in(name_or_path)
+            model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         else:
             raise ValueError(f"{name_or_path!r} is neither an OpenAI size ({', '.join(OPENAI_SIZES)}), "
                              f"a directory written by save_pretrained, nor a train_gpt2.py checkpoint file")
-        model = cls(config)
-        model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         return model
 
     def load_hf_state_dict(self, sd_hf, source="state dict"):
@@ -249,19 +260,28 @@ class GPT(nn.Module):
         # OpenAI's files name keys without "transformer." (a GPT2Model's) and store no lm_head
         sd_hf = {(k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k): v
                  for k, v in sd_hf.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}  # buffers
-        if "lm_head.weight" not in sd_hf and "transformer.wte.weight" in sd_hf:
-            sd_hf["lm_head.weight"] = sd_hf["transformer.wte.weight"]  # tied: saved once
+        self._copy_weights({k: v.t() if k.endswith(CONV1D_WEIGHTS) else v for k, v in sd_hf.items()}, source)
+
+    def _copy_weights(self, sd, source):
+        """Copy a state dict in our layout into this model. Embedding rows past the real vocabulary
+        are padding: the source's are dropped, ours start at zero, so any padding loads into any."""
+        V = self.config.vocab_size
+        if "lm_head.weight" not in sd and "transformer.wte.weight" in sd:
+            sd = {**sd, "lm_head.weight": sd["transformer.wte.weight"]}  # tied: saved once
         ours = self.state_dict()
-        missing, unexpected = sorted(set(ours) - set(sd_hf)), sorted(set(sd_hf) - set(ours))
+        missing, unexpected = sorted(set(ours) - set(sd)), sorted(set(sd) - set(ours))
         if missing or unexpected:
             raise ValueError(f"{source}: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+        wte, lm_head = sd["transformer.wte.weight"], sd["lm_head.weight"]
+        if wte.shape != lm_head.shape or not torch.equal(wte[:V], lm_head[:V]):
+            raise ValueError(f"{source}: lm_head.weight differs from transformer.wte.weight; this GPT-2 "
+                             f"ties them (an untied model cannot be loaded without changing it)")
         with torch.no_grad():
-            for k, v in sd_hf.items():
-                v = v.t() if k.endswith(CONV1D_WEIGHTS) else v
+            for k, v in sd.items():
                 target = ours[k]
-                if k in ("transformer.wte.weight", "lm_head.weight") and v.size(0) <= target.size(0):
-                    target[v.size(0):].zero_()  # padded rows (if any) start at zero
-                    target = target[: v.size(0)]
+                if k in ("transformer.wte.weight", "lm_head.weight") and v.size(0) >= V:
+                    target[V:].zero_()
+                    target, v = target[:V], v[:V]
                 if target.shape != v.shape:
                     raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, "
                                      f"the model expects {tuple(target.shape)}")
@@ -290,10 +310,22 @@ class GPT(nn.Module):
     def save_hf(self, directory, tokenizer=True):
         """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and pipeline
         "text-generation") loads directly, with config.json and, with tokenizer=True, the GPT-2
-        tokenizer converted from tiktoken."""
-        self.to_hf().save_pretrained(directory)
-        if tokenizer:
-            save_gpt2_tokenizer(directory)
+        tokenizer converted from tiktoken. The files are written next to it under a temporary name,
+        then renamed into place: an interrupted export leaves no half-written file behind."""
+        import shutil
+        import tempfile
+
+        os.makedirs(directory, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=directory, prefix=".save_hf-")
+        try:
+            # one file whatever the size (transformers 4.x would shard anything over 5 GB)
+            self.to_hf().save_pretrained(tmp, max_shard_size="1000GB")
+            if tokenizer:
+                save_gpt2_tokenizer(tmp)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_gpt2_tokenizer(directory):
@@ -312,8 +344,11 @@ def save_gpt2_tokenizer(directory):
         with open(bpe_file, "w") as f:
             for token, rank in sorted(enc._mergeable_ranks.items(), key=lambda kv: kv[1]):
                 f.write(f"{base64.b64encode(token).decode()} {rank}\n")
+        # the special tokens' keyword was renamed in transformers 5 (4.x ignores unknown keywords)
+        names = inspect.signature(TikTokenConverter.__init__).parameters
+        specials = "extra_special_tokens" if "extra_special_tokens" in names else "additional_special_tokens"
         converted = TikTokenConverter(vocab_file=bpe_file, pattern=enc._pat_str,
-                                      extra_special_tokens=enc._special_tokens).converted()
+                                      **{specials: enc._special_tokens}).converted()
     eot = "<|endoftext|>"
     GPT2TokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot, unk_token=eot).save_pretrained(directory)
 
@@ -332,12 +367,19 @@ def _config_from_hf_dir(directory, padded_vocab_size=0):
     try:
         with open(path) as f:
             c = json.load(f)
-        if c.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"activation {c['activation_function']!r} is not GPT-2's tanh GELU")
-        return GPTConfig(block_size=c["n_positions"], vocab_size=c["vocab_size"], n_layer=c["n_layer"],
-                         n_head=c["n_head"], n_embd=c["n_embd"], padded_vocab_size=padded_vocab_size)
+        shape = {k: c[k] for k in ("n_positions", "vocab_size", "n_layer", "n_head", "n_embd")}
     except (OSError, KeyError, ValueError) as e:
         raise ValueError(f"{path}: not a usable GPT-2 config.json ({e!r})") from e
+    # settings that HF's GPT-2 supports and this model does not: loading would silently compute
+    # something else, so refuse by name (the values here are GPT-2's own)
+    gpt2 = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),
+            "scale_attn_weights": (True,), "scale_attn_by_inverse_layer_idx": (False,),
+            "tie_word_embeddings": (True,), "n_inner": (None, 4 * shape["n_embd"])}
+    for key, allowed in gpt2.items():
+        if key in c and c[key] not in allowed:
+            raise ValueError(f"{path}: {key}={c[key]!r} is not supported (this GPT-2 has {key}={allowed[0]!r})")
+    return GPTConfig(block_size=shape["n_positions"], vocab_size=shape["vocab_size"], n_layer=shape["n_layer"],
+                     n_head=shape["n_head"], n_embd=shape["n_embd"], padded_vocab_size=padded_vocab_size)
 
 
 def _weights_file_in(directory):

@@ -227,14 +227,22 @@ def test_init_statistics_and_weight_tying(gpt124m):
             assert torch.all(p == expected), name
 
 
-def test_tied_weights_train_as_one():
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16))
-    opt = torch.optim.SGD(m.parameters(), lr=1.0)
-    _, loss = m(torch.randint(0, 100, (2, 16)), torch.randint(0, 100, (2, 16)))
-    loss.backward()
-    opt.step()
-    assert m.transformer.wte.weight is m.lm_head.weight
+def test_tied_weights_train_as_one_like_hf(tmp_path):
+    """One SGD step moves the shared wte/lm_head matrix by the sum of both uses' gradients, as in HF."""
+    hf = hf_tiny(seed=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path))
+    g = torch.Generator().manual_seed(4)
+    idx, targets = torch.randint(0, 50257, (2, 32), generator=g), torch.randint(0, 50257, (2, 32), generator=g)
+    before = hf.transformer.wte.weight.detach().clone()
+    for m, loss_fn in ((hf.train(), lambda: hf(idx, labels=None).logits), (ours.train(), lambda: ours(idx)[0])):
+        opt = torch.optim.SGD(m.parameters(), lr=100.0)
+        F.cross_entropy(loss_fn().reshape(-1, 50257), targets.reshape(-1)).backward()
+        opt.step()
+    assert ours.transformer.wte.weight is ours.lm_head.weight
+    moved = (hf.transformer.wte.weight - before).abs().max().item()
+    assert moved > 1e-3  # the step did change the matrix
+    assert (ours.transformer.wte.weight - hf.transformer.wte.weight).abs().max().item() <= 1e-5 * 100
 
 
 def test_configure_optimizers_groups(gpt124m, capsys):
@@ -304,6 +312,76 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, tiny_dir):
         GPT.from_pretrained(str(not_ckpt))
 
 
+def test_hf_settings_this_model_lacks_are_refused_by_name(tmp_path):
+    """A config.json asking for maths this GPT-2 does not do must not load as if it were GPT-2."""
+    for key, value in (("layer_norm_epsilon", 1e-2), ("scale_attn_by_inverse_layer_idx", True),
+                       ("scale_attn_weights", False), ("tie_word_embeddings", False), ("n_inner", 48),
+                       ("activation_function", "relu")):
+        d = tmp_path / key
+        hf_tiny(**{key: value}).save_pretrained(d)
+        assert json.loads((d / "config.json").read_text())[key] == value
+        with pytest.raises(ValueError, match=f"config.json: {key}="):
+            GPT.from_pretrained(str(d))
+
+
+def test_untied_weights_are_refused(tiny_dir):
+    sd = load_file(os.path.join(tiny_dir, "model.safetensors"))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"] + 1.0
+    m = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64))
+    with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
+        m.load_hf_state_dict(sd)
+
+
+def test_generate_rejects_bad_arguments():
+    m = GPT(GPTConfig(block_size=16, vocab_size=100, n_layer=1, n_head=2, n_embd=16, padded_vocab_size=128))
+    ok = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match=r"length >= 1\) tensor of ids, got shape \(1, 0\)"):
+        m.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"prompt token ids must be in \[0, 100\), got 1..120"):
+        m.generate(torch.tensor([[1, 120]]), 3)  # a padded row: a valid embedding index, not a token
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        m.generate(ok, 3, temperature=-1.0)
+    with pytest.raises(ValueError, match="top_k must be >= 1"):
+        m.generate(ok, 3, top_k=0)
+    assert torch.equal(m.generate(ok, 0), ok)
+
+
+def test_unreadable_checkpoint_files_name_the_file(tmp_path, tiny_dir):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes.txt: not a train_gpt2.py checkpoint \(UnpicklingError"):
+        GPT.from_pretrained(str(text))
+    m = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    other = GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=16)
+    from dataclasses import asdict
+
+    torch.save({"model": m.state_dict(), "config": asdict(other)}, tmp_path / "mismatch.pt")
+    with pytest.raises(ValueError, match=r"mismatch.pt: missing keys \['transformer.h.1"):
+        GPT.from_pretrained(str(tmp_path / "mismatch.pt"))
+    torch.save({"model": m.state_dict(), "config": {**asdict(other), "n_kv_head": 2}}, tmp_path / "newer.pt")
+    with pytest.raises(ValueError, match=r"newer.pt: not a train_gpt2.py checkpoint \(TypeError.*n_kv_head"):
+        GPT.from_pretrained(str(tmp_path / "newer.pt"))
+
+
+def test_save_hf_is_atomic_and_keeps_other_files(tmp_path, monkeypatch):
+    m = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "README.md").write_text("mine")
+    m.save_hf(out, tokenizer=False)
+    first = (out / "model.safetensors").read_bytes()
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+
+    def interrupted(directory):  # the tokenizer step fails after the weights were written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(model_module, "save_gpt2_tokenizer", interrupted)
+    torch.nn.init.zeros_(m.transformer.wpe.weight)
+    with pytest.raises(KeyboardInterrupt):
+        m.save_hf(out)
+    assert (out / "model.safetensors").read_bytes() == first  # the earlier export is untouched
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+
+
 def test_train_checkpoint_loads(tmp_path):
     from dataclasses import asdict
 
@@ -315,3 +393,21 @@ def test_train_checkpoint_loads(tmp_path):
     assert back.config == cfg
     idx = torch.randint(0, 50257, (1, 8))
     assert torch.equal(back(idx)[0], m(idx)[0])
+
+
+def test_train_checkpoint_loads_at_another_padding(tmp_path):
+    """--init-from a checkpoint at any --padded-vocab-size: real rows copied, padded rows zero."""
+    from dataclasses import asdict
+
+    cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, padded_vocab_size=50304)
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    torch.save({"model": m.state_dict(), "config": asdict(cfg)}, tmp_path / "ckpt.pt")
+    idx = torch.randint(0, 50257, (1, 8))
+    for padded in (50257, 50320):
+        back = GPT.from_pretrained(str(tmp_path / "ckpt.pt"), padded_vocab_size=padded)
+        assert back.config.padded_vocab_size == padded
+        assert back.transformer.wte.weight.shape == (padded, 16)
+        assert torch.equal(back.transformer.wte.weight[:50257], m.transformer.wte.weight[:50257])
+        assert torch.all(back.transformer.wte.weight[50257:] == 0)
+        assert torch.equal(back(idx)[0], m(idx)[0])
