@@ -2,6 +2,7 @@
 on its own, one unpadded row at a time, with a hand-written cross-entropy. Fixtures are written
 here in the official schema (never copied from the dataset); the model has random weights."""
 import json
+import math
 import os
 import random
 
@@ -259,6 +260,63 @@ def test_unavailable_when_offline_or_not_allowed(tmp_path, monkeypatch):
         load_examples("train", cache_dir=str(tmp_path / "cache"), download=False)
 
 
+@pytest.fixture
+def short_server():
+    """A local HTTP server that promises 1,000 bytes and closes the connection after 100."""
+    import http.server
+    import threading
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 100)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Short)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_truncated_download_is_not_cached(tmp_path, monkeypatch, short_server):
+    monkeypatch.setattr(hellaswag, "DATA_URL", short_server + "/hellaswag_{split}.jsonl")
+    with pytest.raises(HellaSwagUnavailable, match="closed after 100 of 1,000 bytes"):
+        load_examples("val", cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []  # neither the short file nor a .part file
+
+
+def test_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
+    source = tmp_path / "hellaswag_val.jsonl"
+    write_jsonl(source, make_examples(3))
+    monkeypatch.setattr(hellaswag, "DATA_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
+
+    class CtrlC:  # tqdm's progress bar is updated after each chunk: interrupt there
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, n):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(hellaswag, "tqdm", CtrlC)
+    with pytest.raises(KeyboardInterrupt):
+        load_examples("val", cache_dir=str(tmp_path / "cache"))
+    assert os.listdir(tmp_path / "cache") == []
+
+
+def test_a_rank_without_examples_reports_nan_not_a_crash(ours, examples):
+    r = evaluate(ours, examples[:3], "cpu", rank=4, world_size=5)  # no process group: only its own share
+    assert r["n"] == 0 and r["correct"] == 0 and math.isnan(r["acc"]) and math.isnan(r["acc_norm"])
+
+
 # ---------------------------------------------------------------- command line and benchmark
 
 
@@ -281,6 +339,15 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, hf_dir, capsys):
     good = write_jsonl(tmp_path / "good.jsonl", make_examples(2))
     assert hellaswag.main(["-m", str(tmp_path / "no_such_model"), "--data-file", good]) == 2
     assert "no_such_model" in capsys.readouterr().err
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    assert hellaswag.main(["-m", str(not_a_checkpoint), "--data-file", good, "--device", "cpu"]) == 2
+    assert "notes.txt: not a train_gpt2.py checkpoint" in capsys.readouterr().err
+    assert hellaswag.main(["-m", hf_dir, "--data-file", good, "--device", "nonsense"]) == 2
+    assert "--device nonsense: not usable on this machine" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert hellaswag.main(["-m", hf_dir, "--data-file", good, "--device", "cuda"]) == 2
+        assert "--device cuda: not usable on this machine" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         hellaswag.main(["--limit", "0"])
     assert e.value.code == 2
@@ -293,7 +360,7 @@ def test_benchmark_agrees_with_plain_loop(ours, tmp_path):
     for i, ex in enumerate(fake):
         hellaswag.check_example(ex, f"fake example {i}")
     r = hellaswag.benchmark(ours, fake, "cpu", batch_size=4)
-    assert r["n"] == 12 and r["same_predictions"] and r["max_rel_diff"] < 1e-5
+    assert r["n"] == 12 and r["agreement"] == 1.0 and r["max_rel_diff"] < 1e-5
 
 
 def test_batches_cover_every_example_once_with_little_padding():
