@@ -348,7 +348,7 @@ def save_gpt2_tokenizer(directory):
         names = inspect.signature(TikTokenConverter.__init__).parameters
         specials = "extra_special_tokens" if "extra_special_tokens" in names else "additional_special_tokens"
         converted = TikTokenConverter(vocab_file=bpe_file, pattern=enc._pat_str,
-                                      **{specials: enc._special_tokens}).converted()
+                                      **{specials: list(enc._special_tokens)}).converted()
     eot = "<|endoftext|>"
     GPT2TokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot, unk_token=eot).save_pretrained(directory)
 
