@@ -21,7 +21,9 @@ import signal
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import tiktoken
@@ -40,23 +42,27 @@ class DataError(Exception):
     """Bad input or --out: main() prints the message and exits 2."""
 
 
+class WorkerDied(Exception):
+    """A tokenizer process was killed (out of memory?): main() says so and exits 1."""
+
+
 # ---- tokenization (runs in the pool workers) ----------------------------------------------------
-_enc = _ds = None
+_enc = _ds = _what = None
 
 
-def _init_worker(ds=None):
-    global _enc, _ds
+def _init_worker(ds=None, what=None):
+    global _enc, _ds, _what
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool, quietly
     _enc = tiktoken.get_encoding(TOKENIZER)  # once per worker, not once per document
-    _ds = ds  # a map-style dataset is memory-mapped Arrow: each worker reads its own documents
+    _ds, _what = ds, what  # a map-style dataset is memory-mapped Arrow: each worker reads its own rows
 
 
-def tokenize_rows(task):
+def tokenize_rows(rows):
     """tokenize() of the documents ds[start:stop], read by the worker itself: so the main process
     hands out two numbers per task instead of the texts, and keeps up with many more workers."""
-    start, stop, what = task
+    start, stop = rows
     texts = _ds[start:stop]["text"]
-    check_texts(texts, what)
+    check_texts(texts, _what)
     return tokenize(texts)
 
 
@@ -73,6 +79,15 @@ def tokenize(texts):
     if tokens.max() >= 2**16:  # never for gpt2 (50257 tokens); guards a different tokenizer
         raise ValueError(f"token id {tokens.max()} does not fit uint16")
     return tokens.astype(np.uint16), np.array(lengths)
+
+
+def load_tokenizer():
+    """tiktoken's GPT-2 encoding: downloaded once into tiktoken's cache, so offline it needs one."""
+    try:
+        return tiktoken.get_encoding(TOKENIZER)
+    except OSError as e:  # requests' ConnectionError is an OSError
+        raise DataError(f"could not load tiktoken's {TOKENIZER!r} encoding ({type(e).__name__}); it is downloaded "
+                        "once, then cached: offline, set TIKTOKEN_CACHE_DIR to a directory holding that cache") from e
 
 
 # ---- input ---------------------------------------------------------------------------------------
@@ -95,9 +110,12 @@ def resolve_files(patterns):
 
 
 def settings_of(args):
-    """What shard contents depend on: a re-run into the same --out must match these exactly."""
+    """What shard contents depend on: a re-run into the same --out must match these exactly. For
+    local files that includes each one's size and modification time, so that a file rewritten
+    between two runs is noticed rather than resumed into."""
     if args.data_files:
-        return {"dataset": "local files", "data_files": resolve_files(args.data_files), "name": None,
+        files = [[f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in resolve_files(args.data_files)]
+        return {"dataset": "local files", "data_files": files, "name": None,
                 "split": "train", "tokenizer": TOKENIZER, "shard_size": args.shard_size}
     return {"dataset": args.dataset, "data_files": None, "name": args.name, "split": args.split,
             "tokenizer": TOKENIZER, "shard_size": args.shard_size}
@@ -107,8 +125,9 @@ def load_documents(settings, streaming):
     """The dataset, reduced to its `text` column (other columns are never decoded)."""
     import datasets  # only this script needs `datasets`; the GPU machine may not have it
 
-    files = settings["data_files"]
-    what = f"--data-files {files}" if files else f"{settings['dataset']} ({settings['name']})"
+    files = [f for f, _, _ in settings["data_files"] or []]
+    more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
+    what = f"--data-files {files[0]}{more}" if files else f"{settings['dataset']} ({settings['name']})"
     try:
         if files:
             builder = FORMATS[os.path.splitext(files[0])[1].lower()]
@@ -133,14 +152,14 @@ def check_texts(texts, what):
             raise DataError(f"{what}: a document's 'text' is {type(text).__name__}, not a string")
 
 
-def row_ranges(ds, what, skip):
+def row_ranges(ds, skip):
     """Pool tasks for a map-style dataset: (start, stop) rows of ~TASK_CHARS, from document `skip` on.
 
     The rows per task come from the average length of the first documents."""
     sample = [len(text) for text in ds[:1000]["text"] if isinstance(text, str)]
     rows = max(1, round(TASK_CHARS * len(sample) / max(1, sum(sample))))
     for start in range(skip, len(ds), rows):
-        yield start, min(start + rows, len(ds)), what
+        yield start, min(start + rows, len(ds))
 
 
 def batches(ds, what, skip):
@@ -194,6 +213,8 @@ def shard_name(index):
 
 def read_manifest(out, settings):
     """The manifest of --out, checked against `settings`; finished shards whose files are intact."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataError(f"--out {out} is a file, not a directory: choose another --out")
     path = os.path.join(out, "manifest.json")
     if not os.path.exists(path):
         if glob.glob(os.path.join(out, "edufineweb_*.npy")):
@@ -234,23 +255,25 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
     bar = None
 
     def flush(end):  # shard file first, then the manifest that vouches for it
-        os.makedirs(out, exist_ok=True)
         shards.append({"file": shard_name(len(shards)), "tokens": fill, "start": start, "end": end})
-        write_atomic(os.path.join(out, shards[-1]["file"]), lambda f: np.save(f, buf[:fill]))
-        write_manifest(out, manifest)
+        try:
+            os.makedirs(out, exist_ok=True)
+            write_atomic(os.path.join(out, shards[-1]["file"]), lambda f: np.save(f, buf[:fill]))
+            write_manifest(out, manifest)
+        except OSError as e:  # a full disk, no permission...: the shards finished before are kept
+            raise DataError(f"--out {out}: could not write {shards[-1]['file']} ({e})") from e
         if bar is not None:
             bar.close()
 
     import datasets
 
     if isinstance(ds, datasets.Dataset):  # map-style: the workers read their own rows
-        work, tasks, shared = tokenize_rows, row_ranges(ds, what, skip=doc), ds
+        work, tasks, shared = tokenize_rows, row_ranges(ds, skip=doc), ds
     else:  # streaming: the main process reads, and sends the texts
         work, tasks, shared = tokenize, batches(ds, what, skip=doc), None
-    tiktoken.get_encoding(TOKENIZER)  # loaded (~0.3 s) once here: forked workers inherit tiktoken's cache
-    with Pool(workers, initializer=_init_worker, initargs=(shared,)) as pool:
-        # imap: results come back in document order, while the workers run ahead on later batches
-        for tokens, lengths in pool.imap(work, tasks):
+    load_tokenizer()  # loaded (~0.3 s) once here: forked workers inherit tiktoken's cache
+    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(shared, what)) as pool:
+        for tokens, lengths in in_order(pool, work, tasks, ahead=4 * workers):
             ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
             pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
             while pos < len(tokens):  # the batch may fill the current shard, or several
@@ -278,6 +301,26 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
     return manifest
 
 
+def in_order(pool, work, tasks, ahead):
+    """work(task) for each task, computed by the pool and yielded in task order, with at most `ahead`
+    tasks in flight: the workers run ahead of the main process, but results never pile up in memory.
+    (Unlike multiprocessing.Pool, whose imap waits forever if a worker is killed, a dead worker
+    here raises BrokenProcessPool.)"""
+    pending = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(work, task))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    except BrokenProcessPool as e:
+        raise WorkerDied("a tokenizer process died (killed by the out-of-memory killer? try fewer --workers)") from e
+    finally:  # stopped early (--max-shards, Ctrl-C, an error): drop the queued tasks
+        for future in pending:
+            future.cancel()
+
+
 # ---- command line --------------------------------------------------------------------------------
 def benchmark(ds, what, settings, workers):
     """Tokens/s of the whole pipeline (read, tokenize, write) with 1 worker and with `workers`.
@@ -285,7 +328,7 @@ def benchmark(ds, what, settings, workers):
     Also the CPU time of the main process (reading the dataset, handing out tasks, copying into
     shards, writing them): tokens / that time is the most it could ever feed, however many workers."""
     print(f"benchmark: {what}, shard size {settings['shard_size']:,}")
-    tiktoken.get_encoding(TOKENIZER)  # a one-time cost: keep it out of the first measurement
+    load_tokenizer()  # a one-time cost: keep it out of the first measurement
     rates = {}
     for n in sorted({1, workers}):
         with tempfile.TemporaryDirectory() as out:
@@ -302,18 +345,22 @@ def benchmark(ds, what, settings, workers):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset (default: %(default)s)")
-    p.add_argument("--name", default="sample-10BT", help="dataset config, e.g. sample-100BT (default: %(default)s)")
+    p.add_argument("--name", help="dataset config, e.g. sample-100BT (default: sample-10BT for fineweb-edu, "
+                   "none for another --dataset)")
     p.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     p.add_argument("--data-files", nargs="+", metavar="PATH", help="read local .jsonl/.json/.parquet files with a "
                    "'text' column, or .txt files (one document each), instead of --dataset; globs allowed")
     p.add_argument("--out", default="edu_fineweb10B", help="shard directory (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count(), help="tokenizer processes (default: every core this process may use)")
     p.add_argument("--max-shards", type=int, help="stop once --out holds this many shards (re-run to continue)")
     p.add_argument("--benchmark", action="store_true", help="print tokens/s with 1 worker and with --workers "
                    "(into a temporary directory; --out is not touched)")
     args = p.parse_args(argv)
+    if args.name is None and args.dataset == "HuggingFaceFW/fineweb-edu":
+        args.name = "sample-10BT"
     for flag in ("shard_size", "workers", "max_shards"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
@@ -325,6 +372,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     try:
         settings = settings_of(args)
+        load_tokenizer()  # offline with no cache: fail now, not after the download
         if args.benchmark:
             return benchmark(*load_documents(settings, args.streaming), settings, args.workers)
         manifest = read_manifest(args.out, settings)  # a wrong --out fails before the (long) download
@@ -337,6 +385,10 @@ def main(argv=None):
     except DataError as e:
         print(f"fineweb.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except WorkerDied as e:
+        print(f"fineweb.py: error: {e}; finished shards are kept, re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("\nfineweb.py: interrupted; finished shards are kept, re-run the same command to resume",
               file=sys.stderr)

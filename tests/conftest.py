@@ -15,7 +15,13 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SHAKESPEARE = os.path.join(os.path.dirname(ROOT), "shared", "data", "input.txt")
+# Tiny Shakespeare, the text several tests build their data from: ../shared's copy (CI), or the
+# input.txt that `python train_gpt2.py --preset shakespeare` downloads into the checkout.
+_texts = [os.path.join(os.path.dirname(ROOT), "shared", "data", "input.txt"), os.path.join(ROOT, "input.txt")]
+SHAKESPEARE = next((p for p in _texts if os.path.isfile(p)), None)
+if SHAKESPEARE is None:
+    pytest.exit("the tests need Tiny Shakespeare as input.txt in the repository (or ../shared/data/input.txt): "
+                "run `python train_gpt2.py --preset shakespeare` once, which downloads it", returncode=4)
 
 
 @pytest.fixture(scope="module")

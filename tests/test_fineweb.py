@@ -104,7 +104,8 @@ def test_shards_are_the_exact_token_stream(tmp_path, capsys, monkeypatch, fmt, s
         doc, offset = shard["start"]
         assert doc_starts[doc] + offset == 1000 * k and 0 <= offset < doc_starts[doc + 1] - doc_starts[doc]
         assert shard["end"] == (manifest["shards"][k + 1]["start"] if k + 1 < n else [len(DOCS), 0])
-    assert manifest["data_files"] == [str(tmp_path / f"a.{fmt}"), str(tmp_path / f"b.{fmt}")]
+    files = [tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"]
+    assert manifest["data_files"] == [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
     printed = capsys.readouterr().out
     assert f"{len(DOCS):,} documents, {len(expected):,} tokens, {n} shards" in printed
     assert not glob.glob(str(out / "*.tmp"))
@@ -268,6 +269,76 @@ def test_out_from_different_settings(tmp_path, capsys):
     os.remove(out / "manifest.json")
     assert "no manifest.json" in fails(capsys, "--data-files", data, "--out", out, "--shard-size", 1000)
     assert read_bytes(out) == before
+
+
+def test_data_file_rewritten_between_runs_is_not_resumed_into(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    write_jsonl(data, DOCS[:100])
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 2)
+    before = read_bytes(out)
+    write_jsonl(data, DOCS[100:200])  # same name, other documents
+    err = fails(capsys, "--data-files", data, "--out", out, "--shard-size", 1000)
+    assert f"--out {out} holds shards made with data_files=" in err and "d.jsonl" in err
+    assert read_bytes(out) == before
+
+
+def test_out_that_is_a_file_fails_before_reading_data(tmp_path, capsys):
+    (tmp_path / "notadir").write_text("mine")
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:5])
+    err = fails(capsys, "--data-files", data, "--out", tmp_path / "notadir")
+    assert f"--out {tmp_path / 'notadir'} is a file, not a directory" in err
+    assert (tmp_path / "notadir").read_text() == "mine"
+
+
+def test_a_killed_worker_stops_the_run_with_a_message_not_a_hang(tmp_path):
+    """A tokenizer process killed mid-run (the out-of-memory killer does this) must end the run
+    with exit 1 and a message, keeping the finished shards; multiprocessing.Pool would wait forever."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    # each worker starts normally, then its 3rd task kills it (os._exit: no clean-up, like SIGKILL)
+    script = f"""
+import os, sys
+sys.path.insert(0, {ROOT!r})
+import fineweb
+real_init, real_work, calls = fineweb._init_worker, fineweb.tokenize_rows, [0]
+def work(rows):
+    calls[0] += 1
+    if calls[0] == 3:
+        os._exit(9)
+    return real_work(rows)
+def init(*args):
+    real_init(*args)
+    fineweb.tokenize_rows = work  # only inside the worker: tasks name the function, the worker looks it up
+fineweb._init_worker = init
+fineweb.TASK_CHARS = 2000
+fineweb.main(["--data-files", {data!r}, "--out", {str(out)!r}, "--shard-size", "1000", "--workers", "2"])
+"""
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "a tokenizer process died" in proc.stderr and "re-run the same command to resume" in proc.stderr
+    assert len(shard_files(out)) < len(reference(DOCS)) // 1000  # it stopped part-way
+    run("--data-files", data, "--out", out, "--shard-size", 1000)  # the resumed run is exact
+    np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(DOCS))
+
+
+def test_no_tokenizer_offline_is_a_message(tmp_path):
+    """With no network and no tiktoken cache: exit 2 naming TIKTOKEN_CACHE_DIR, not a traceback."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS[:5])
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
+           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no network, even if there is one
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--data-files", data, "--out",
+                           str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "could not load tiktoken's 'gpt2' encoding" in proc.stderr and "TIKTOKEN_CACHE_DIR" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_name_defaults_to_sample_10bt_only_for_fineweb_edu():
+    assert fineweb.parse_args([]).name == "sample-10BT"
+    assert fineweb.parse_args(["--dataset", "someone/corpus"]).name is None
+    assert fineweb.parse_args(["--dataset", "someone/corpus", "--name", "en"]).name == "en"
 
 
 @pytest.mark.parametrize("flag", ["--shard-size", "--workers", "--max-shards"])
