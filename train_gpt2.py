@@ -195,6 +195,12 @@ class DataLoader:
         self.step_tokens = B * T * world_size * grad_accum_steps
         # open every shard now (headers only) so that a bad file fails at start, not hours into the run
         self.num_tokens = sum(len(self._open(i)[1]) for i in range(len(shards)))
+        need = B * T * world_size + 1  # a batch may span shards, but the data must hold one
+        if self.num_tokens < need:
+            raise TrainError(f"{shards[0] if isinstance(shards[0], str) else shards[0][0]}"
+                             f"{f' and {len(shards) - 1} more shard(s)' if len(shards) > 1 else ''}: "
+                             f"{self.num_tokens:,} tokens, fewer than one batch-size x seq-len x world-size "
+                             f"slice + 1 = {need:,}; lower --batch-size or --seq-len, or use more data")
         self.reset()
 
     def _open(self, i):
@@ -210,10 +216,8 @@ class DataLoader:
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise TrainError(f"{name}: a {tokens.ndim}-D {tokens.dtype} array; token shards must be 1-D uint16 "
                              "(as fineweb.py writes them)")
-        need = self.B * self.T * self.world_size + 1
-        if len(tokens) < need:
-            raise TrainError(f"{name}: {len(tokens):,} tokens, fewer than one batch-size x seq-len x world-size "
-                             f"slice + 1 = {need:,}; lower --batch-size or --seq-len, or use more data")
+        if len(tokens) == 0:
+            raise TrainError(f"{name}: an empty shard; write it again with `python fineweb.py`, or delete it")
         return name, tokens
 
     def _set_position(self, epoch, shard, offset):
@@ -357,29 +361,39 @@ def val_loss(model, loader, steps, autocast_dtype=None):
     return (total / steps).item()
 
 
-def load_hellaswag(args, rank, say):
-    """HellaSwag val examples, or None (after one line saying why) when off or unavailable."""
+def on_rank0(fn):
+    """fn() run by rank 0 alone, and its result, or the TrainError it raised, given to every rank:
+    so all ranks take the same branch, and none waits in a collective that another one skipped
+    (also when each node has its own disk, and only rank 0's has the file)."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except TrainError as e:
+            error = str(e)
+    if dist.is_initialized():
+        box = [result, error]
+        dist.broadcast_object_list(box, src=0)
+        result, error = box
+    if error:
+        raise TrainError(error)
+    return result
+
+
+def load_hellaswag(args):
+    """HellaSwag val examples, or None (after one line saying why) when off or unavailable. Rank 0
+    calls this (downloading once); on_rank0 sends the examples to the other ranks."""
     if not args.hellaswag:
         return None
     import hellaswag
 
-    def load(download):
-        try:
-            return hellaswag.load_examples("val", data_file=args.hellaswag_file, download=download), None
-        except hellaswag.HellaSwagUnavailable as e:
-            return None, e
-        except (OSError, ValueError) as e:
-            raise TrainError(f"HellaSwag data: {e} (pass --hellaswag-file FILE or --no-hellaswag)") from e
-
-    first = rank == 0 or args.hellaswag_file  # rank 0 downloads once; the others then read its copy
-    examples, why = load(download=True) if first else (None, None)
-    if dist.is_initialized():
-        dist.barrier()
-    if not first:
-        examples, why = load(download=False)
-    if why:
-        say(f"hellaswag: skipped ({why}; here that is --hellaswag-file)")
-    return examples
+    try:
+        return hellaswag.load_examples("val", data_file=args.hellaswag_file)
+    except hellaswag.HellaSwagUnavailable as e:
+        print(f"hellaswag: skipped ({e}; in train_gpt2.py that is --hellaswag-file)", flush=True)
+        return None
+    except (OSError, ValueError) as e:
+        raise TrainError(f"HellaSwag data: {e} (pass --hellaswag-file FILE or --no-hellaswag)") from e
 
 
 def print_samples(model, args, device, rank, autocast_dtype=None):
@@ -407,19 +421,45 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
-    torch.save(ckpt, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a machine crash cannot leave a truncated file
     os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken file under the real name
     for old in checkpoints(args.log_dir)[:-args.keep_checkpoints]:
         os.remove(old)
     return path
 
 
-def resume_path(args):
+def checkpoint_step(path):
+    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
+
+
+def find_checkpoint(args):
+    """The checkpoint to resume from, or None for a fresh run; refuses what would mix two runs in
+    --log-dir: a fresh run beside old checkpoints, or a resume from a step older than some of them
+    (pruning and a later --resume auto would then pick up the abandoned run's files)."""
+    found = checkpoints(args.log_dir)
+    if args.resume is None:
+        if found:
+            raise TrainError(f"--log-dir {args.log_dir} holds checkpoints of an earlier run (newest: {found[-1]}): "
+                             "continue it with --resume auto, or use another --log-dir")
+        return None
     if args.resume == "auto":
-        found = checkpoints(args.log_dir)
+        if not found:
+            print(f"no checkpoint in {args.log_dir}: starting from step 0", flush=True)
         return found[-1] if found else None
-    if args.resume and not os.path.isfile(args.resume):
+    if not os.path.isfile(args.resume):
         raise TrainError(f"--resume {args.resume}: no such file (give a checkpoint file, or 'auto')")
+    try:  # memory-mapped: reads the step without loading the weights
+        step = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)["step"]
+    except Exception as e:
+        raise TrainError(f"--resume {args.resume}: not a readable train_gpt2.py checkpoint ({e!r})") from e
+    later = [f for f in found if checkpoint_step(f) > step]
+    if later:
+        raise TrainError(f"--resume {args.resume} continues from step {step}, but --log-dir {args.log_dir} holds "
+                         f"later checkpoints ({', '.join(map(os.path.basename, later))}) of the run it leaves: "
+                         "move them away, or use another --log-dir")
     return args.resume
 
 
@@ -436,7 +476,12 @@ def load_checkpoint(path, raw_model, optimizer, loader):
         raise TrainError(f"--resume {path}: the checkpoint holds a model with {shape(ckpt['config'])}, but this "
                          f"run asks for {shape(want)}. Pass the same shape flags, or use another --log-dir")
     raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    # the checkpoint gives the optimizer's state (moments, step counts); this run's flags give its
+    # settings: load_state_dict alone would bring back the old weight decay, and fused=False from a CPU
+    state = ckpt["optimizer"]
+    state["param_groups"] = [{**old, **{k: v for k, v in new.items() if k != "params"}}
+                             for old, new in zip(state["param_groups"], optimizer.state_dict()["param_groups"])]
+    optimizer.load_state_dict(state)
     loader.load_state_dict(ckpt["loader"])
     torch.set_rng_state(ckpt["rng"]["torch"])
     random.setstate(ckpt["rng"]["python"])
@@ -467,7 +512,10 @@ STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the loop stops at th
 
 
 def _request_stop(signum, frame):
+    """The first SIGTERM/SIGINT asks for a clean stop after the step; the second one kills, as if
+    there were no handler (for a process stuck in a collective or a download)."""
     STOP["signal"] = signum
+    signal.signal(signum, signal.SIG_DFL)
 
 
 def main(argv=None):
@@ -511,17 +559,22 @@ def train(args):
     val_loader = DataLoader(val_shards, B, T, rank, world_size, 1, shuffle=False, vocab_size=config.vocab_size,
                             device=device)
     val_steps = min(args.val_tokens, val_loader.num_tokens - 1) // (B * T * world_size)
+    if val_steps == 0:
+        raise TrainError(f"--val-tokens {args.val_tokens:,}: val loss needs at least one batch-size x seq-len x "
+                         f"world-size batch of {B * T * world_size:,} tokens (the val data holds "
+                         f"{val_loader.num_tokens:,})")
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master)
 
-    start_step, ckpt = 0, resume_path(args)
+    start_step, ckpt = 0, on_rank0(lambda: find_checkpoint(args))  # rank 0 writes --log-dir: it decides
     if ckpt:
+        if dist.is_initialized():  # every rank reads the checkpoint rank 0 found
+            seen = torch.tensor(float(os.path.isfile(ckpt)), device=device)
+            dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+            if not seen.item():
+                raise TrainError(f"{ckpt}: rank 0 resumes from it, but not every rank can read it; with several "
+                                 "nodes, --log-dir must be on a filesystem that all of them share")
         start_step = load_checkpoint(ckpt, raw_model, optimizer, train_loader)
         say(f"resumed from {ckpt} at step {start_step}")
-    elif checkpoints(args.log_dir):  # a fresh run would mix its log and checkpoints with the old ones
-        raise TrainError(f"--log-dir {args.log_dir} holds checkpoints of an earlier run (newest: "
-                         f"{checkpoints(args.log_dir)[-1]}): continue it with --resume auto, or use another --log-dir")
-    elif args.resume == "auto":
-        say(f"no checkpoint in {args.log_dir}: starting from step 0")
 
     # The training step runs the compiled model, wrapped in DDP. Val loss reuses the compiled model
     # (same shapes, so one extra graph for no_grad, no recompilation). Sampling and HellaSwag feed
@@ -531,7 +584,7 @@ def train(args):
     model = compiled
     if world_size > 1:  # DDP averages the gradients across ranks during backward
         model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    examples = load_hellaswag(args, rank, say)
+    examples = on_rank0(lambda: load_hellaswag(args))
 
     say(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
         f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")

@@ -415,15 +415,15 @@ def test_missing_data_directory(tmp_path, capsys):
                  str(tmp_path / "nope"), "python fineweb.py")
 
 
-@pytest.mark.parametrize("problem", ["dtype", "short", "unreadable", "2-D", "token id"])
+@pytest.mark.parametrize("problem", ["dtype", "empty", "unreadable", "2-D", "token id"])
 def test_bad_shard(problem, tmp_path, capsys):
     data = write_shards(str(tmp_path / "data"), [300, 300, 300])
     bad = os.path.join(data, "edufineweb_train_000002.npy")
     good = np.load(bad)
     if problem == "dtype":
         np.save(bad, good.astype(np.int32))
-    elif problem == "short":
-        np.save(bad, good[:20])  # one 2 x 16 slice needs 33
+    elif problem == "empty":
+        np.save(bad, good[:0])
     elif problem == "unreadable":
         with open(bad, "wb") as f:
             f.write(b"not a numpy file")
@@ -432,9 +432,30 @@ def test_bad_shard(problem, tmp_path, capsys):
     else:
         good[5] = 50300  # in the padded rows, but not a real token
         np.save(bad, good)
-    expected = {"dtype": "int32", "short": "20 tokens", "unreadable": "unreadable", "2-D": "2-D",
+    expected = {"dtype": "int32", "empty": "an empty shard", "unreadable": "unreadable", "2-D": "2-D",
                 "token id": "token id 50300"}[problem]
     expect_error([*TINY, "--data", data, "--max-steps", "20", "--log-dir", str(tmp_path)], capsys, bad, expected)
+
+
+def test_too_little_data_in_all_shards_together(tmp_path, capsys):
+    data = write_shards(str(tmp_path / "data"), [300, 20, 12])  # 32 train tokens; one 2 x 16 slice needs 33
+    expect_error([*TINY, "--data", data, "--log-dir", str(tmp_path)], capsys, "edufineweb_train_000001.npy and "
+                 "1 more shard(s): 32 tokens, fewer than one batch-size x seq-len x world-size slice + 1 = 33")
+
+
+def test_a_shard_shorter_than_a_batch_is_read_like_any_other(tmp_path):
+    """fineweb.py's last shard can be any length: batches simply run on into the next shard."""
+    train, _ = tg.data_sources(write_shards(str(tmp_path / "data"), [300, 300, 20, 350]))
+    n = sum(len(np.load(f)) for f in train)  # 670
+    loader = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=5)
+    stream = consume(loader, steps=2 * n // 32 + 1)
+    for epoch in (stream[:n], stream[n:2 * n]):
+        assert np.array_equal(np.sort(epoch), np.sort(np.concatenate([np.load(f) for f in train])))
+
+
+def test_val_tokens_below_one_batch_is_an_error_not_nan(shards, tmp_path, capsys):
+    expect_error([*TINY, "--data", shards, "--val-tokens", "16", "--log-dir", str(tmp_path)], capsys,
+                 "--val-tokens 16", "one batch-size x seq-len x world-size batch of 32 tokens")
 
 
 def test_indivisible_total_batch(shards, tmp_path, capsys):
@@ -450,6 +471,69 @@ def test_resume_refuses_a_model_of_another_shape(shards, tmp_path, capsys):
                  capsys, "none.pt", "no such file")
     # without --resume, a log dir that holds checkpoints is not silently reused
     expect_error([*TINY, "--data", shards, "--log-dir", str(tmp_path)], capsys, "ckpt_000001.pt", "--resume auto")
+
+
+def test_resuming_an_older_checkpoint_beside_later_ones_is_refused(shards, tmp_path, capsys):
+    """Going back to step 2 (say, after a divergence) while ckpt 4 is still there would let pruning
+    delete the new run's checkpoints and a later --resume auto pick the abandoned run: refuse."""
+    common = [*TINY, "--data", shards, "--checkpoint-every", "2", "--log-dir", str(tmp_path)]
+    assert run([*common, "--max-steps", "4"]) == 0
+    expect_error([*common, "--max-steps", "3", "--resume", str(tmp_path / "ckpt_000002.pt")], capsys,
+                 "continues from step 2", "ckpt_000004.pt", "move them away")
+    os.rename(tmp_path / "ckpt_000004.pt", tmp_path / "abandoned.pt.bak")
+    assert run([*common, "--max-steps", "3", "--resume", str(tmp_path / "ckpt_000002.pt")]) == 0
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*.pt")) == ["ckpt_000002.pt", "ckpt_000003.pt"]
+    assert sorted(train_losses(tmp_path)) == [0, 1, 2]  # the abandoned run's step-3 record is gone
+
+
+def test_resume_keeps_this_runs_weight_decay(shards, tmp_path):
+    """Optimizer.load_state_dict alone would bring back the checkpoint's weight decay."""
+    common = [*TINY, "--data", shards, "--log-dir", str(tmp_path)]
+    assert run([*common, "--max-steps", "1"]) == 0
+    seen = []
+    real_step = tg.train_step
+
+    def spy(model, optimizer, *a, **k):
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])
+        return real_step(model, optimizer, *a, **k)
+
+    tg.train_step = spy
+    try:
+        assert run([*common, "--max-steps", "2", "--resume", "auto", "--weight-decay", "0.0"]) == 0
+    finally:
+        tg.train_step = real_step
+    assert seen == [[0.0, 0.0]]
+    ckpt = torch.load(tmp_path / "ckpt_000002.pt", weights_only=True)
+    assert ckpt["optimizer"]["state"]  # the moments did come from the checkpoint and were saved again
+
+
+def test_a_second_signal_kills_a_stuck_run(shards, tmp_path):
+    """The first SIGTERM asks for a stop after the step; a process stuck inside the step (a hung
+    collective, say; here a sleep) must still die on the second."""
+    script = f"""
+import sys, time
+sys.path.insert(0, {ROOT!r})
+import train_gpt2 as tg
+real = tg.train_step
+def stuck(*a, **k):
+    out = real(*a, **k)
+    print("stuck", flush=True)
+    time.sleep(600)
+    return out
+tg.train_step = stuck
+sys.exit(tg.main({[*TINY, "--data", shards, "--max-steps", "5", "--log-dir", str(tmp_path)]!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert any(line.strip() == "stuck" for line in proc.stdout)  # reads until the step is stuck
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert proc.poll() is None  # the first one only asks
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proc.kill()
 
 
 def test_bad_flag_values_are_usage_errors(capsys):
@@ -484,6 +568,43 @@ def test_hellaswag_eval_is_logged(shards, tmp_path):
     model = GPT.from_pretrained(str(tmp_path / "run" / "ckpt_000002.pt"))  # the weights of the last eval
     expected = hellaswag.evaluate(model, hellaswag.load_examples(data_file=data_file), "cpu")
     assert logged[-1] == expected["acc_norm"]
+
+
+def test_two_ranks_on_separate_disks_get_hellaswag_from_rank0_and_resume_together(shards, tmp_path):
+    """As on two nodes with their own disks: only rank 0 has the HellaSwag file. Rank 0 reads it and
+    sends the examples, so both ranks evaluate (the counts are summed across them); a resume is
+    found by rank 0 and read by both."""
+    import hellaswag
+
+    data_file = write_hellaswag(tmp_path / "hs.jsonl")
+    wrapper = tmp_path / "node_local.py"
+    wrapper.write_text(f"""
+import functools, os, sys
+sys.path.insert(0, {ROOT!r})
+import hellaswag, train_gpt2
+cache = os.path.join({str(tmp_path)!r}, "cache_rank" + os.environ["RANK"])  # rank 1's stays empty
+os.makedirs(cache, exist_ok=True)
+if os.environ["RANK"] == "0" and not os.path.exists(os.path.join(cache, "hellaswag_val.jsonl")):
+    os.link({data_file!r}, os.path.join(cache, "hellaswag_val.jsonl"))
+hellaswag.DATA_URL = "file:///nonexistent/{{split}}.jsonl"  # no download either
+hellaswag.load_examples = functools.partial(hellaswag.load_examples, cache_dir=cache)
+sys.exit(train_gpt2.main(sys.argv[1:]))
+""")
+    common = [*TINY, "--data", shards, "--hellaswag", "--eval-every", "2", "--checkpoint-every", "2",
+              "--log-dir", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for steps, extra in ((2, []), (4, ["--resume", "auto"])):
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               str(wrapper), *common, "--max-steps", str(steps), *extra],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "skipped" not in proc.stdout
+    logged = {r["step"]: r["hellaswag"] for r in read_log(tmp_path / "run") if "hellaswag" in r}
+    assert sorted(logged) == [0, 2, 4]
+    model = GPT.from_pretrained(str(tmp_path / "run" / "ckpt_000004.pt"))
+    expected = hellaswag.evaluate(model, hellaswag.load_examples(data_file=data_file), "cpu")
+    assert logged[4] == expected["acc_norm"]
+    assert f"({expected['correct_norm']}/4)" in proc.stdout  # all 4 examples, 2 scored by each rank
 
 
 def test_hellaswag_unavailable_is_skipped_with_one_line(shards, tmp_path, monkeypatch, capsys):
