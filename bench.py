@@ -11,6 +11,7 @@ tokens/s, MFU and peak memory.
 """
 import argparse
 import contextlib
+import gc
 import time
 
 import numpy as np
@@ -26,7 +27,9 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
 VARIANTS = {
     "eager": dict(compile=None),  # the walkthrough's final setting (it had to turn compile off)
     "compile": dict(),
-    "compile-max-autotune": dict(compile="max-autotune"),
+    # autotuned kernels, without CUDA graphs: replaying a graph across the micro-steps of gradient
+    # accumulation is a known source of errors and wrong gradients (pytorch#96693, #169545)
+    "compile-max-autotune": dict(compile="max-autotune-no-cudagraphs"),
     "compile-B16": dict(batch_size=16),
     "compile-B32": dict(batch_size=32),
     "compile-flash": dict(backend="flash"),
@@ -92,27 +95,37 @@ def run_variant(name, args, device):
                 mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
 
 
-def main():
+def count(s):
+    if not s.isdigit() or int(s) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return int(s)
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
-    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model, T=64, total batch 1024 (CPU, CI)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--batch-size", type=int, default=64, help="default micro-batch (default 64)")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default 1024)")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per step (default 524288)")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer 64-wide model; defaults T=64, micro-batch 8, "
+                   "1024 tokens per step (CPU, CI)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda, cuda:N or cpu")
+    p.add_argument("--batch-size", type=count, help="default micro-batch (default 64; 8 with --tiny)")
+    p.add_argument("--seq-len", type=count, help="tokens per sequence (default 1024; 64 with --tiny)")
+    p.add_argument("--total-batch-size", type=count, help="tokens per step (default 524288; 1024 with --tiny)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
+    p.add_argument("--steps", type=count, default=10, help="timed steps (default 10)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
-    args = p.parse_args()
-    args.shape = dict(n_layer=12, n_head=12, n_embd=768)
-    if args.tiny:
-        args.shape = dict(n_layer=2, n_head=2, n_embd=64)
-        args.seq_len, args.batch_size, args.total_batch_size = 64, 8, 1024
+    args = p.parse_args(argv)
+    if args.warmup < 0:
+        p.error("--warmup must be 0 or more")
+    args.shape = dict(n_layer=2, n_head=2, n_embd=64) if args.tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    for flag, full, tiny in (("batch_size", 64, 8), ("seq_len", 1024, 64), ("total_batch_size", 524288, 1024)):
+        if getattr(args, flag) is None:  # flags given explicitly win over --tiny's defaults
+            setattr(args, flag, tiny if args.tiny else full)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     device = torch.device(args.device)
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # events, synchronize and memory stats use the current device
         torch.set_float32_matmul_precision("high")  # as train_gpt2.py does
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {gpu}; model {args.shape}, T={args.seq_len}, "
@@ -124,6 +137,7 @@ def main():
         r = rows[-1]
         print(f"  {name}: " + (r["error"] if "error" in r else f"{r['ms']:.1f} ms/step"), flush=True)
         torch._dynamo.reset()  # each variant compiles afresh
+        gc.collect()  # a failed variant's tensors may sit in reference cycles (its exception's frames)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

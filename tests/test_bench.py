@@ -45,10 +45,26 @@ def test_train_step_reads_no_device_values():
 
 
 def test_bench_tiny_runs_on_cpu():
+    # --tiny's defaults are micro-batch 8 x 2 steps of accumulation; an explicit --batch-size wins
     out = subprocess.run([sys.executable, "bench.py", "--tiny", "--variants", "eager", "--steps", "1",
-                          "--warmup", "1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                          "--warmup", "1", "--batch-size", "4"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "T=64, 1,024 tokens per step" in out.stdout
     row = [line for line in out.stdout.splitlines() if line.startswith("| eager |")]
-    assert len(row) == 1 and "8 x 2" in row[0], out.stdout
+    assert len(row) == 1 and "| 4 x 4 |" in row[0], out.stdout
     tok_per_s = float(row[0].split("|")[4].replace(",", ""))
     assert tok_per_s > 0
+
+
+def test_bad_flags_are_usage_errors(capsys):
+    import bench
+
+    for argv, flag in ((["--steps", "0"], "--steps"), (["--variants", "eager,fast"], "--variants"),
+                       (["--batch-size", "-1"], "--batch-size")):
+        try:
+            bench.main(argv)
+        except SystemExit as e:
+            message = str(e.code) if not isinstance(e.code, int) else capsys.readouterr().err
+            assert flag in message, message
+        else:
+            raise AssertionError(f"{argv} was accepted")
