@@ -599,6 +599,8 @@ def train(args):
     if master:
         os.makedirs(args.log_dir, exist_ok=True)
         trim_log(log_path, start_step)
+        for partial in glob.glob(os.path.join(args.log_dir, "ckpt_*.pt.tmp")):  # a save cut short by a kill
+            os.remove(partial)
     dt_avg = None
     for step in range(start_step, args.max_steps + 1):
         last = step == args.max_steps

@@ -280,7 +280,9 @@ def test_resume_reproduces_the_uninterrupted_run(shards, tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "train_step", real_step)
     assert sorted(p.name for p in (tmp_path / "b").glob("*.pt")) == ["ckpt_000004.pt"]
     assert max(train_losses(tmp_path / "b")) == 3
+    (tmp_path / "b" / "ckpt_000006.pt.tmp").write_bytes(b"half a checkpoint")  # a save killed mid-write
     assert run([*common, "--log-dir", str(tmp_path / "b"), "--resume", "auto"]) == 0
+    assert not list((tmp_path / "b").glob("*.tmp"))  # removed at start
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     assert [r["step"] for r in a] == [r["step"] for r in b]  # every step logged once, in order
     for ra, rb in zip(a, b):
