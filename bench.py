@@ -124,7 +124,11 @@ def main(argv=None):
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device here (on a CPU: python bench.py --tiny)")
     if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # events, synchronize and memory stats use the current device
         torch.set_float32_matmul_precision("high")  # as train_gpt2.py does
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -226,28 +226,31 @@ class GPT(nn.Module):
         return idx
 
     @classmethod
-    def from_pretrained(cls, name_or_path, padded_vocab_size=0):
+    def from_pretrained(cls, name_or_path, padded_vocab_size=None):
         """Load an OpenAI size ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"; downloaded once from
         the Hugging Face hub into its cache), a local directory written by HF's save_pretrained
         or by save_hf, or a checkpoint file written by train_gpt2.py. padded_vocab_size (e.g.
         50304) sets the number of embedding rows, extra rows starting at zero (for fine-tuning at
-        the faster padded size; they never reach sampling or a loss); 0 keeps the source's own."""
+        the faster padded size; they never reach sampling or a loss); 0 means none, the real 50257;
+        None keeps the source's own (a checkpoint's padding; none for OpenAI's and HF's)."""
         if name_or_path in OPENAI_SIZES:
             from huggingface_hub import hf_hub_download
 
-            model = cls(config_for(name_or_path, padded_vocab_size=padded_vocab_size))
+            model = cls(config_for(name_or_path, padded_vocab_size=padded_vocab_size or 0))
             weights_file = hf_hub_download(f"openai-community/{name_or_path}", "model.safetensors")
             model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         elif os.path.isfile(name_or_path):  # a checkpoint written by train_gpt2.py
             try:
                 ckpt = torch.load(name_or_path, map_location="cpu", weights_only=True)
-                config = {**ckpt["config"], **({"padded_vocab_size": padded_vocab_size} if padded_vocab_size else {})}
+                config, weights = dict(ckpt["config"]), ckpt["model"]
+                if padded_vocab_size is not None:
+                    config["padded_vocab_size"] = padded_vocab_size
                 model = cls(GPTConfig(**config))
-            except Exception as e:  # not a zip/pickle, no "config", unknown fields, a bad shape...
+            except Exception as e:  # not a zip/pickle, no "config" or "model", unknown fields...
                 raise ValueError(f"{name_or_path}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from e
-            model._copy_weights(ckpt["model"], source=name_or_path)
+            model._copy_weights(weights, source=name_or_path)
         elif os.path.isdir(name_or_path):
-            model = cls(_config_from_hf_dir(name_or_path, padded_vocab_size))
+            model = cls(_config_from_hf_dir(name_or_path, padded_vocab_size or 0))
             weights_file = _weights_file_in(name_or_path)
             model.load_hf_state_dict(_read_weights(weights_file), source=weights_file)
         else:

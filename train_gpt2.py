@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -371,6 +372,10 @@ def on_rank0(fn):
             result = fn()
         except TrainError as e:
             error = str(e)
+        except Exception as e:  # anything else too: the other ranks must not wait for a broadcast
+            if not dist.is_initialized():
+                raise
+            error = f"on rank 0: {type(e).__name__}: {e}"
     if dist.is_initialized():
         box = [result, error]
         dist.broadcast_object_list(box, src=0)
@@ -412,7 +417,10 @@ def print_samples(model, args, device, rank, autocast_dtype=None):
 
 
 def checkpoints(log_dir):
-    return sorted(glob.glob(os.path.join(log_dir, "ckpt_*.pt")))  # zero-padded steps sort by name
+    """This script's checkpoints in log_dir (ckpt_NNNNNN.pt), oldest first; other files are ignored."""
+    found = [f for f in glob.glob(os.path.join(log_dir, "ckpt_*.pt"))
+             if re.fullmatch(r"ckpt_\d{6,}\.pt", os.path.basename(f))]  # not a ckpt_best.pt of the user's
+    return sorted(found, key=checkpoint_step)
 
 
 def save_checkpoint(args, step, raw_model, optimizer, loader):
@@ -512,10 +520,9 @@ STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the loop stops at th
 
 
 def _request_stop(signum, frame):
-    """The first SIGTERM/SIGINT asks for a clean stop after the step; the second one kills, as if
-    there were no handler (for a process stuck in a collective or a download)."""
+    # Only a flag: a scheduler may signal torchrun and every worker at once, and torchrun passes its
+    # signal on too, so one preemption can arrive twice; each must still end in a checkpoint.
     STOP["signal"] = signum
-    signal.signal(signum, signal.SIG_DFL)
 
 
 def main(argv=None):

@@ -60,7 +60,8 @@ def test_bad_flags_are_usage_errors(capsys):
     import bench
 
     for argv, flag in ((["--steps", "0"], "--steps"), (["--variants", "eager,fast"], "--variants"),
-                       (["--batch-size", "-1"], "--batch-size")):
+                       (["--batch-size", "-1"], "--batch-size"),
+                       *([(["--device", "cuda"], "--device cuda: no CUDA device")] if not torch.cuda.is_available() else [])):
         try:
             bench.main(argv)
         except SystemExit as e:

@@ -326,8 +326,9 @@ fineweb.main(["--data-files", {data!r}, "--out", {str(out)!r}, "--shard-size", "
 def test_no_tokenizer_offline_is_a_message(tmp_path):
     """With no network and no tiktoken cache: exit 2 naming TIKTOKEN_CACHE_DIR, not a traceback."""
     data = write_jsonl(tmp_path / "d.jsonl", DOCS[:5])
-    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty_cache"),
-           "HTTPS_PROXY": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}  # no network, even if there is one
+    env = {k: v for k, v in os.environ.items() if k.lower() != "no_proxy"}
+    env.update(TIKTOKEN_CACHE_DIR=str(tmp_path / "empty_cache"),  # no network, even if there is one:
+               HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9")  # a proxy that refuses
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "fineweb.py"), "--data-files", data, "--out",
                            str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

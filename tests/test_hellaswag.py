@@ -283,6 +283,7 @@ def short_server():
 
 
 def test_truncated_download_is_not_cached(tmp_path, monkeypatch, short_server):
+    monkeypatch.setenv("no_proxy", "127.0.0.1")  # the local server, never through a proxy
     monkeypatch.setattr(hellaswag, "DATA_URL", short_server + "/hellaswag_{split}.jsonl")
     with pytest.raises(HellaSwagUnavailable, match="closed after 100 of 1,000 bytes"):
         load_examples("val", cache_dir=str(tmp_path / "cache"))

@@ -358,6 +358,9 @@ def test_unreadable_checkpoint_files_name_the_file(tmp_path, tiny_dir):
     torch.save({"model": m.state_dict(), "config": asdict(other)}, tmp_path / "mismatch.pt")
     with pytest.raises(ValueError, match=r"mismatch.pt: missing keys \['transformer.h.1"):
         GPT.from_pretrained(str(tmp_path / "mismatch.pt"))
+    torch.save({"weights": m.state_dict(), "config": asdict(other)}, tmp_path / "renamed.pt")
+    with pytest.raises(ValueError, match=r"renamed.pt: not a train_gpt2.py checkpoint \(KeyError: 'model'"):
+        GPT.from_pretrained(str(tmp_path / "renamed.pt"))
     torch.save({"model": m.state_dict(), "config": {**asdict(other), "n_kv_head": 2}}, tmp_path / "newer.pt")
     with pytest.raises(ValueError, match=r"newer.pt: not a train_gpt2.py checkpoint \(TypeError.*n_kv_head"):
         GPT.from_pretrained(str(tmp_path / "newer.pt"))
@@ -404,8 +407,10 @@ def test_train_checkpoint_loads_at_another_padding(tmp_path):
     m = GPT(cfg)
     torch.save({"model": m.state_dict(), "config": asdict(cfg)}, tmp_path / "ckpt.pt")
     idx = torch.randint(0, 50257, (1, 8))
-    for padded in (50257, 50320):
+    assert GPT.from_pretrained(str(tmp_path / "ckpt.pt")).config.padded_vocab_size == 50304  # None: its own
+    for padded in (0, 50320):
         back = GPT.from_pretrained(str(tmp_path / "ckpt.pt"), padded_vocab_size=padded)
+        padded = padded or 50257  # 0: no padding, as for every other source
         assert back.config.padded_vocab_size == padded
         assert back.transformer.wte.weight.shape == (padded, 16)
         assert torch.equal(back.transformer.wte.weight[:50257], m.transformer.wte.weight[:50257])

@@ -271,7 +271,8 @@ def test_resume_reproduces_the_uninterrupted_run(shards, tmp_path, monkeypatch):
     def step_then_signal(*a, **k):  # a SIGTERM arrives during the 4th step: the run stops after it
         calls.append(1)
         out = real_step(*a, **k)
-        if len(calls) == 4:
+        if len(calls) == 4:  # a preemption often arrives twice (the scheduler's and torchrun's)
+            signal.raise_signal(signal.SIGTERM)
             signal.raise_signal(signal.SIGTERM)
         return out
 
@@ -509,33 +510,14 @@ def test_resume_keeps_this_runs_weight_decay(shards, tmp_path):
     assert ckpt["optimizer"]["state"]  # the moments did come from the checkpoint and were saved again
 
 
-def test_a_second_signal_kills_a_stuck_run(shards, tmp_path):
-    """The first SIGTERM asks for a stop after the step; a process stuck inside the step (a hung
-    collective, say; here a sleep) must still die on the second."""
-    script = f"""
-import sys, time
-sys.path.insert(0, {ROOT!r})
-import train_gpt2 as tg
-real = tg.train_step
-def stuck(*a, **k):
-    out = real(*a, **k)
-    print("stuck", flush=True)
-    time.sleep(600)
-    return out
-tg.train_step = stuck
-sys.exit(tg.main({[*TINY, "--data", shards, "--max-steps", "5", "--log-dir", str(tmp_path)]!r}))
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        assert any(line.strip() == "stuck" for line in proc.stdout)  # reads until the step is stuck
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(1)
-        assert proc.poll() is None  # the first one only asks
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == -signal.SIGTERM
-    finally:
-        proc.kill()
+def test_other_files_named_ckpt_are_not_checkpoints(shards, tmp_path, capsys):
+    common = [*TINY, "--data", shards, "--checkpoint-every", "2", "--log-dir", str(tmp_path)]
+    assert run([*common, "--max-steps", "2"]) == 0
+    (tmp_path / "ckpt_best.pt").write_bytes(b"the user's own file")  # sorts after ckpt_000002.pt by name
+    code, out, err = run([*common, "--max-steps", "3", "--resume", "auto"], capsys)
+    assert code == 0, err
+    assert f"resumed from {tmp_path / 'ckpt_000002.pt'} at step 2" in out
+    assert (tmp_path / "ckpt_best.pt").read_bytes() == b"the user's own file"  # never pruned either
 
 
 def test_bad_flag_values_are_usage_errors(capsys):
