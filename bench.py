@@ -22,7 +22,7 @@ from model import GPT, GPTConfig
 from train_gpt2 import DataLoader, train_step
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
 # name -> changes from the default: compiled, micro-batch 64, PyTorch's choice of attention, vocab 50304
 VARIANTS = {
     "eager": dict(compile=None),  # the walkthrough's final setting (it had to turn compile off)

@@ -327,8 +327,7 @@ def benchmark(ds, what, settings, workers):
 
     Also the CPU time of the main process (reading the dataset, handing out tasks, copying into
     shards, writing them): tokens / that time is the most it could ever feed, however many workers."""
-    print(f"benchmark: {what}, shard size {settings['shard_size']:,}")
-    load_tokenizer()  # a one-time cost: keep it out of the first measurement
+    print(f"benchmark: {what}, shard size {settings['shard_size']:,}")  # main() loaded the tokenizer already
     rates = {}
     for n in sorted({1, workers}):
         with tempfile.TemporaryDirectory() as out:

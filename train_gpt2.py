@@ -363,9 +363,9 @@ def val_loss(model, loader, steps, autocast_dtype=None):
 
 
 def on_rank0(fn):
-    """fn() run by rank 0 alone, and its result, or the TrainError it raised, given to every rank:
-    so all ranks take the same branch, and none waits in a collective that another one skipped
-    (also when each node has its own disk, and only rank 0's has the file)."""
+    """fn() run by rank 0 alone, and its result, or the error it raised (as a TrainError), given to
+    every rank: so all ranks take the same branch, and none waits in a collective that another one
+    skipped (also when each node has its own disk, and only rank 0's has the file)."""
     result, error = None, None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
