@@ -29,6 +29,8 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
+from utils import pause_point
+
 EOT = 50256  # <|endoftext|>: precedes every document
 TOKENIZER = "gpt2"
 # A pool task is a batch of whole documents of about this many characters (~25k tokens, ~10 ms of
@@ -259,9 +261,11 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
         try:
             os.makedirs(out, exist_ok=True)
             write_atomic(os.path.join(out, shards[-1]["file"]), lambda f: np.save(f, buf[:fill]))
+            pause_point("fineweb.before_manifest")  # tests kill here: a shard that the manifest does not list yet
             write_manifest(out, manifest)
         except OSError as e:  # a full disk, no permission...: the shards finished before are kept
             raise DataError(f"--out {out}: could not write {shards[-1]['file']} ({e})") from e
+        pause_point("fineweb.after_shard")  # tests signal or kill here: mid-run, at a known shard
         if bar is not None:
             bar.close()
 

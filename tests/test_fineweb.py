@@ -161,32 +161,64 @@ def test_missing_shard_is_rewritten(tmp_path):
     assert read_bytes(out) == before
 
 
+def wait_until(condition, what, timeout=120):
+    """Poll for a condition that a correct program always reaches; the timeout only ends a hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout}s for {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def start_paused(tmp_path):
+    """start_paused(pause_at, *args) runs fineweb.py in a process of its own, in its own process group
+    (so that killpg reaches its tokenizer workers too), and returns (process, flag) once the program
+    waits in utils.pause_point(pause_at): the test signals it there, at an exact moment, then deletes
+    `flag` to let it go on. Whatever is still running at the end of the test is killed."""
+    started = []
+
+    def start(pause_at, *args, workers=2):
+        flag = tmp_path / "paused"
+        env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
+               "GPT2_PAUSE_AT": pause_at, "GPT2_PAUSE_FILE": str(flag)}
+        cmd = [sys.executable, os.path.join(ROOT, "fineweb.py"), *map(str, args), "--workers", str(workers)]
+        with open(tmp_path / "stderr.txt", "w") as stderr:
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
+        started.append(proc)
+        wait_until(lambda: flag.exists() or proc.poll() is not None, f"pause point {pause_at}")
+        assert proc.poll() is None, f"ended before {pause_at}: {(tmp_path / 'stderr.txt').read_text()[-2000:]}"
+        return proc, flag
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_killed_run_resumes_to_identical_shards(tmp_path, sig):
+def test_killed_run_resumes_to_identical_shards(tmp_path, start_paused, sig):
     """SIGKILL to the process group: main process and worker pool die with no clean-up at all.
-    SIGINT to the process group: what Ctrl-C does; a short message, exit 130, no stray files."""
-    docs = PARAGRAPHS  # 330k tokens, 166 shards: the kill (after 2) lands mid-run
+    SIGINT to the process group: what Ctrl-C does; a short message, exit 130, no stray files.
+    Either arrives right after the first shard is finished (a pause point), never at a lucky moment."""
+    docs = PARAGRAPHS  # 330k tokens, 166 shards: the kill (after 1) lands mid-run
     data = write_jsonl(tmp_path / "d.jsonl", docs)
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "fineweb.py"), "--data-files", data, "--out", str(out),
-           "--shard-size", "2000", "--workers", "2", "--streaming"]
-    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf_cache")}
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=stderr)
-        manifest_path = out / "manifest.json"
-        deadline = time.time() + 120
-        while not (manifest_path.exists() and len(json.load(open(manifest_path))["shards"]) >= 2):
-            assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
-            time.sleep(0.01)
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
-    assert not json.load(open(manifest_path))["complete"], "the kill came too late to test a resume"
+    proc, flag = start_paused("fineweb.after_shard", "--data-files", data, "--out", out, "--shard-size", 2000,
+                              "--streaming")
+    os.killpg(proc.pid, sig)
+    flag.unlink()  # a SIGINT is handled once the program runs on
+    proc.wait(timeout=120)
+    manifest = json.load(open(out / "manifest.json"))
+    assert len(manifest["shards"]) == 1 and not manifest["complete"]
     for f in shard_files(out):  # whatever the kill interrupted, no shard file is truncated
         np.load(f)
     if sig == signal.SIGINT:
         err = open(tmp_path / "stderr.txt").read()
         assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
         assert not glob.glob(str(out / "*.tmp"))
+    else:
+        assert proc.returncode == -signal.SIGKILL
 
     run("--data-files", data, "--out", out, "--shard-size", 2000)
     run("--data-files", data, "--out", tmp_path / "ref", "--shard-size", 2000)
