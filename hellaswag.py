@@ -74,8 +74,9 @@ def download_split(split, cache_dir=DEFAULT_CACHE_DIR):
     return path
 
 
-def load_examples(split="val", cache_dir=DEFAULT_CACHE_DIR, data_file=None, download=True):
-    """Validated examples of data_file, or of the split (downloaded into cache_dir once)."""
+def load_examples(split="val", cache_dir=DEFAULT_CACHE_DIR, data_file=None, download=True, block_size=None):
+    """Validated examples of data_file, or of the split (downloaded into cache_dir once). With
+    block_size (the model's), every ending must also leave room for at least one context token."""
     if data_file is None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
@@ -87,22 +88,28 @@ def load_examples(split="val", cache_dir=DEFAULT_CACHE_DIR, data_file=None, down
     elif not os.path.isfile(data_file):
         raise FileNotFoundError(f"{data_file}: no such file")
     examples = []
-    with open(data_file, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(data_file, "rb") as f:  # bytes, decoded line by line: a bad byte's error can name its line
+        for lineno, raw in enumerate(f, 1):
+            where = f"{data_file}, line {lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if line.strip():
-                where = f"{data_file}, line {lineno}"
                 try:
                     example = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-                examples.append(check_example(example, where))
+                examples.append(check_example(example, where, block_size))
     if not examples:
         raise ValueError(f"{data_file}: no examples")
     return examples
 
 
-def check_example(example, where="example"):
-    """The fields scoring needs, in the official schema: ctx, 4 endings, label 0-3."""
+def check_example(example, where="example", block_size=None):
+    """The fields scoring needs, in the official schema: ctx, 4 endings, label 0-3. With block_size,
+    also that no ending is so long that no context token would fit before it."""
     if not isinstance(example, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(example).__name__}")
     for field in ("ctx", "endings", "label"):
@@ -117,6 +124,13 @@ def check_example(example, where="example"):
     label = example["label"]
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
         raise ValueError(f"{where}: 'label' must be an integer 0-{NUM_ENDINGS - 1}, got {label!r}")
+    if block_size is not None:  # the context is truncated from the left to fit, but never to nothing
+        for j, ending in enumerate(endings):
+            n = len(gpt2_tokenizer().encode_ordinary(" " + ending))
+            if n >= block_size:
+                raise ValueError(f"{where}: ending {j} is {n} tokens long, which leaves no room for context in the "
+                                 f"model's block size of {block_size}; remove the example or use a model with a "
+                                 "longer block")
     return example
 
 
@@ -129,10 +143,11 @@ def gpt2_tokenizer():
 
 def encode_example(example, block_size=None):
     """(context tokens, [tokens of each " " + ending], label). When context + longest ending is
-    longer than block_size, tokens are dropped from the left of the context, the same for all 4."""
+    longer than block_size, tokens are dropped from the left of the context, the same for all 4.
+    The text is plain text: "<|endoftext|>" in it is a few ordinary tokens, never the special token."""
     enc = gpt2_tokenizer()
-    ctx = enc.encode(example["ctx"])
-    endings = [enc.encode(" " + e) for e in example["endings"]]  # " " + "" is still one token
+    ctx = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + e) for e in example["endings"]]  # " " + "" is still one token
     longest = max(len(e) for e in endings)
     if block_size is not None and len(ctx) + longest > block_size:
         room = block_size - longest
@@ -369,23 +384,24 @@ def main(argv=None):
         return 2
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     limit = args.limit or (32 if args.benchmark else None)
-    try:
-        if args.fake_from:
-            examples = fake_examples(args.fake_from, limit or 1000)
-        else:
-            examples = load_examples(args.split, args.cache_dir, args.data_file)[:limit]
-    except HellaSwagUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     from model import GPT, config_for
 
     try:
         model = GPT(config_for(args.model)) if args.random_init else GPT.from_pretrained(args.model)
     except (ValueError, OSError) as e:
         print(f"error: -m {args.model}: {e}", file=sys.stderr)
+        return 2
+    try:  # after the model: its block size decides which examples fit
+        if args.fake_from:
+            examples = fake_examples(args.fake_from, limit or 1000)
+        else:
+            examples = load_examples(args.split, args.cache_dir, args.data_file,
+                                     block_size=model.config.block_size)[:limit]
+    except HellaSwagUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     model.to(device)
 

@@ -1,6 +1,7 @@
 """hellaswag.py against an independent reference: Hugging Face's GPT2LMHeadModel scoring each ending
 on its own, one unpadded row at a time, with a hand-written cross-entropy. Fixtures are written
 here in the official schema (never copied from the dataset); the model has random weights."""
+import functools
 import json
 import math
 import os
@@ -35,6 +36,11 @@ def example(ind, ctx, endings, label):
                 split_type="indomain", endings=endings, source_id=f"test~{ind}", label=label)
 
 
+def x_tokens(n):
+    """Text whose " " + text is exactly n GPT-2 tokens: " x" n times."""
+    return " ".join(["x"] * n)
+
+
 def make_examples(n=30, seed=0):
     rng = random.Random(seed)
     examples = [example(i, sentence(rng, 2, 14), [sentence(rng, 1, 10) for _ in range(4)], rng.randrange(4))
@@ -46,6 +52,9 @@ def make_examples(n=30, seed=0):
         example(n + 2, " ".join(rng.choices(WORDS, k=90)), ["He waves.", "They jump into the river again.",
                                                            "It is red.", "Then"], 1),  # > block_size
         example(n + 3, "Café naïve — déjà vu, he says", ["«bonjour»", "ok", "日本語", "🙂 fine."], 3),
+        example(n + 4, "The page reads <|endoftext|> and then", ["<|endoftext|>", "it goes on.", "<|endoftext|> again",
+                                                                "ok"], 2),  # plain text, not the special token
+        example(n + 5, "Only the last word of this context fits", [x_tokens(BLOCK_SIZE - 1), "no", "yes", "maybe"], 1),
     ]
     return examples
 
@@ -84,10 +93,11 @@ def reference(hf_dir, examples):
     """(summed, mean) losses (N, 4) from HF, one unpadded row per ending."""
     hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     enc = tiktoken.get_encoding("gpt2")
+    plain = functools.partial(enc.encode, allowed_special=set(), disallowed_special=())  # "<|endoftext|>" is text
     summed, mean = torch.zeros(len(examples), 4), torch.zeros(len(examples), 4)
     for n, ex in enumerate(examples):
-        ctx = enc.encode(ex["ctx"])
-        endings = [enc.encode(" " + e) for e in ex["endings"]]
+        ctx = plain(ex["ctx"])
+        endings = [plain(" " + e) for e in ex["endings"]]
         keep = BLOCK_SIZE - max(len(e) for e in endings)  # context + longest ending must fit
         ctx = ctx[len(ctx) - keep :] if len(ctx) > keep else ctx
         for j, end in enumerate(endings):
@@ -106,10 +116,22 @@ def ours(hf_dir):
 
 def test_fixture_exercises_the_edge_cases(examples):
     enc = tiktoken.get_encoding("gpt2")
-    ctx_lengths = [len(enc.encode(ex["ctx"])) for ex in examples]
+    ctx_lengths = [len(enc.encode_ordinary(ex["ctx"])) for ex in examples]
+    longest = [max(len(enc.encode_ordinary(" " + e)) for e in ex["endings"]) for ex in examples]
     assert max(ctx_lengths) > BLOCK_SIZE  # truncation happens
+    assert BLOCK_SIZE - 1 in longest  # an ending that leaves room for exactly one context token
     assert 5 <= len(set(ctx_lengths)) < len(ctx_lengths)  # batches mix context lengths, and share some
-    assert any(len(enc.encode(" " + e)) == 1 for ex in examples for e in ex["endings"])  # one-token endings
+    assert any(len(enc.encode_ordinary(" " + e)) == 1 for ex in examples for e in ex["endings"])  # one-token endings
+    assert any("<|endoftext|>" in ex["ctx"] for ex in examples)  # text that looks like a special token
+
+
+def test_endoftext_in_the_text_is_plain_text():
+    enc = tiktoken.get_encoding("gpt2")
+    ex = example(0, "He typed <|endoftext|> by mistake", ["<|endoftext|>", "and", "then", "<|endoftext|> again"], 0)
+    ctx, endings, _ = encode_example(ex)
+    assert enc.decode(ctx) == ex["ctx"] and enc.eot_token not in ctx  # the characters, not the special token
+    for text, tokens in zip(ex["endings"], endings):
+        assert enc.decode(tokens) == " " + text and enc.eot_token not in tokens
 
 
 # ---------------------------------------------------------------- rendering
@@ -238,6 +260,26 @@ def test_bad_lines_are_errors_naming_the_line(tmp_path, line, message):
         load_examples(data_file=path)
 
 
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path):
+    good = json.dumps(example(0, "Café, déjà vu", ["a", "b", "c", "d"], 0), ensure_ascii=False)
+    latin1 = json.dumps(example(1, "Café", ["a", "b", "c", "d"], 0), ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(good.encode("utf-8") + b"\n" + good.encode("utf-8") + b"\n" + latin1 + b"\n")
+    column = latin1.index(b"\xe9") + 1  # the "é" of "Café", one byte in Latin-1 (two in UTF-8)
+    with pytest.raises(ValueError, match=rf"latin1.jsonl, line 3: not UTF-8 text \(byte 0xe9 at column {column}\)"):
+        load_examples(data_file=str(path))
+
+
+def test_an_ending_longer_than_the_block_is_an_error_naming_its_line(tmp_path):
+    fits = example(0, "A man", [x_tokens(BLOCK_SIZE - 1), "b", "c", "d"], 0)  # 47 tokens: 1 left for context
+    too_long = example(1, "A man", ["a", "b", x_tokens(BLOCK_SIZE), "d"], 0)
+    assert load_examples(data_file=write_jsonl(tmp_path / "fits.jsonl", [fits]), block_size=BLOCK_SIZE) == [fits]
+    path = write_jsonl(tmp_path / "long.jsonl", [fits, "", too_long])
+    assert load_examples(data_file=path) == [fits, too_long]  # no model, no limit
+    with pytest.raises(ValueError, match=f"long.jsonl, line 3: ending 2 is 48 tokens long, .*block size of 48"):
+        load_examples(data_file=path, block_size=BLOCK_SIZE)
+
+
 def test_download_once_into_cache(tmp_path, monkeypatch):
     source = tmp_path / "source"
     source.mkdir()
@@ -344,6 +386,10 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, hf_dir, capsys):
     not_a_checkpoint.write_text("hello")
     assert hellaswag.main(["-m", str(not_a_checkpoint), "--data-file", good, "--device", "cpu"]) == 2
     assert "notes.txt: not a train_gpt2.py checkpoint" in capsys.readouterr().err
+    too_long = write_jsonl(tmp_path / "long.jsonl", [example(0, "A man", ["a", x_tokens(BLOCK_SIZE), "c", "d"], 0)])
+    assert hellaswag.main(["-m", hf_dir, "--data-file", too_long, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "long.jsonl, line 1: ending 1 is 48 tokens long" in err
     assert hellaswag.main(["-m", hf_dir, "--data-file", good, "--device", "nonsense"]) == 2
     assert "--device nonsense: not usable on this machine" in capsys.readouterr().err
     if not torch.cuda.is_available():
