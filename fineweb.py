@@ -94,10 +94,13 @@ def load_tokenizer():
 
 # ---- input ---------------------------------------------------------------------------------------
 def resolve_files(patterns):
-    """Expand globs (sorted within each pattern, patterns in the order given) to absolute paths."""
+    """Expand globs (sorted within each pattern, patterns in the order given) to absolute paths.
+
+    A file that exists is taken literally, glob characters in its name or not: `corpus[1].jsonl`
+    names that file, never the pattern that matches `corpus1.jsonl`."""
     files = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+        matches = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern))
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             raise DataError(f"--data-files {pattern!r}: no such file")
@@ -134,7 +137,9 @@ def load_documents(settings, streaming):
         if files:
             builder = FORMATS[os.path.splitext(files[0])[1].lower()]
             extra = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
-            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **extra)
+            # `datasets` reads data_files as glob patterns: escaped, each names exactly our file
+            ds = datasets.load_dataset(builder, data_files=[glob.escape(f) for f in files], split="train",
+                                       streaming=streaming, **extra)
         else:
             ds = datasets.load_dataset(settings["dataset"], name=settings["name"], split=settings["split"],
                                        streaming=streaming)
@@ -219,7 +224,8 @@ def read_manifest(out, settings):
         raise DataError(f"--out {out} is a file, not a directory: choose another --out")
     path = os.path.join(out, "manifest.json")
     if not os.path.exists(path):
-        if glob.glob(os.path.join(out, "edufineweb_*.npy")):
+        names = os.listdir(out) if os.path.isdir(out) else []  # not glob: an --out like `runs/x[1]` is no pattern
+        if any(n.startswith("edufineweb_") and n.endswith(".npy") for n in names):
             raise DataError(f"--out {out} holds shards but no manifest.json: use an empty --out or delete them")
         return {**settings, "shards": [], "documents": None, "tokens": None, "complete": False}
     try:
@@ -353,7 +359,8 @@ def parse_args(argv=None):
     p.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
     p.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it first")
     p.add_argument("--data-files", nargs="+", metavar="PATH", help="read local .jsonl/.json/.parquet files with a "
-                   "'text' column, or .txt files (one document each), instead of --dataset; globs allowed")
+                   "'text' column, or .txt files (one document each), instead of --dataset; globs allowed (a file that "
+                   "exists is taken literally, even with glob characters in its name)")
     p.add_argument("--out", default="edu_fineweb10B", help="shard directory (default: %(default)s)")
     p.add_argument("--shard-size", type=int, default=100_000_000, help="tokens per shard (default: %(default)s)")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")

@@ -59,8 +59,8 @@ def run(*args, workers=2):
     fineweb.main([*map(str, args), "--workers", str(workers)])
 
 
-def shard_files(out):
-    return sorted(glob.glob(os.path.join(out, "edufineweb_*.npy")), key=lambda f: f[-10:])
+def shard_files(out):  # glob.escape: an --out may have glob characters in its name
+    return sorted(glob.glob(os.path.join(glob.escape(str(out)), "edufineweb_*.npy")), key=lambda f: f[-10:])
 
 
 def load_shards(out):
@@ -117,6 +117,27 @@ def test_txt_files_are_one_document_each(tmp_path):
     run("--data-files", tmp_path / "*.txt", "--out", tmp_path / "out", "--shard-size", 10_000)
     expected = reference([PARAGRAPHS[0] + "\n\n" + PARAGRAPHS[1] + "\n", SPECIAL[2]])
     np.testing.assert_array_equal(np.concatenate(load_shards(tmp_path / "out")), expected)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_paths_with_glob_characters_are_taken_literally(tmp_path, capsys, streaming):
+    """An existing file named `corpus[1].jsonl` is that file, not the glob that matches `corpus1.jsonl`
+    (for fineweb.py and for `datasets`, which globs data_files too); an --out is never a glob."""
+    data = write_jsonl(tmp_path / "corpus[1].jsonl", DOCS[:100])
+    write_jsonl(tmp_path / "corpus1.jsonl", DOCS[100:200])  # what the glob `corpus[1].jsonl` matches
+    out = tmp_path / "runs" / "x[1]"
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 2, *(["--streaming"] * streaming))
+    run("--data-files", data, "--out", out, "--shard-size", 1000, *(["--streaming"] * streaming))  # resumes
+    assert "resuming: 2 finished shards" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(DOCS[:100]))
+    assert json.load(open(out / "manifest.json"))["data_files"][0][0] == data
+    # shards in an --out named like a glob, with no manifest, are someone else's: refused, untouched
+    foreign = tmp_path / "runs" / "y[1]"
+    foreign.mkdir()
+    (foreign / "edufineweb_val_000000.npy").write_bytes(b"theirs")
+    err = fails(capsys, "--data-files", data, "--out", foreign, "--shard-size", 1000)
+    assert "holds shards but no manifest.json" in err
+    assert os.listdir(foreign) == ["edufineweb_val_000000.npy"]
 
 
 def test_shard_boundary_at_a_document_end(tmp_path):
