@@ -10,6 +10,7 @@ import argparse
 import time
 
 import torch
+import weights
 from model import EOT, GPT, GPTConfig
 
 
@@ -33,7 +34,7 @@ def main():
 
     torch.manual_seed(0)
     ours = GPT(GPTConfig()).to(args.device).eval()
-    hf = ours.to_hf().to(args.device)  # the same weights in transformers' GPT2LMHeadModel
+    hf = weights.to_hf(ours).to(args.device)  # the same weights in transformers' GPT2LMHeadModel
     prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * args.batch_size, device=args.device)  # "Hello, I'm a language model,"
     n = args.new_tokens
 
