@@ -60,6 +60,8 @@ def test_notebook_runs_end_to_end_offline(tmp_path, monkeypatch):
     write_log(log_dir / "log.jsonl")
     write_checkpoint(log_dir / "ckpt_000005.pt", n_layer=1, step=5)
     write_checkpoint(log_dir / "ckpt_000010.pt", n_layer=2, step=10)  # newest: the one to load
+    # a user's own file: it sorts after ckpt_0... ("b" > "0"), so max(glob(...)) would load it
+    write_checkpoint(log_dir / "ckpt_best.pt", n_layer=3, step=7)
 
     # the kernel inherits this environment (conftest already made tiktoken and the hub offline)
     monkeypatch.setenv("GPT2_MODEL", str(hf_dir))
@@ -90,7 +92,9 @@ def test_notebook_runs_end_to_end_offline(tmp_path, monkeypatch):
     assert "min train loss 6.5000 (step 4)" in text
     assert "min val loss   7.6000 (step 5)" in text
     assert "max HellaSwag  0.2625 (step 5)" in text
+    # the newest of train_gpt2.py's checkpoints (n_layer=2), not the user's ckpt_best.pt (n_layer=3)
     assert "ckpt_000010.pt: " in text and "n_layer=2" in text.split("ckpt_000010.pt: ")[1].splitlines()[0]
+    assert "ckpt_best.pt" not in text
 
 
 def test_committed_notebook_has_no_outputs():
