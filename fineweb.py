@@ -8,6 +8,8 @@ A shard's contents depend only on the dataset and the settings, never on --worke
 earlier run stopped: so an interrupted run resumes exactly. manifest.json records, for each finished
 shard, the stream position (document index, token offset into that document) where it starts and
 ends; a re-run checks the settings, skips the finished shards' documents and continues mid-document.
+The manifest is written before the first shard, so a shard file it does not list is a leftover of a
+killed run (overwritten by the re-run); shards in a directory with no manifest are refused.
 
     python fineweb.py                                  # sample-10BT -> edu_fineweb10B/ (~100 shards)
     python fineweb.py --data-files 'corpus/*.jsonl' --out shards/ --shard-size 1000000
@@ -219,7 +221,11 @@ def shard_name(index):
 
 
 def read_manifest(out, settings):
-    """The manifest of --out, checked against `settings`; finished shards whose files are intact."""
+    """The manifest of --out, checked against `settings`; finished shards whose files are intact.
+
+    write_shards writes the manifest before the first shard and lists each shard once its file is
+    complete: a shard file that the manifest does not list is left by a killed run, and the re-run
+    overwrites it. Shards with no manifest at all were made by something else, and are refused."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise DataError(f"--out {out} is a file, not a directory: choose another --out")
     path = os.path.join(out, "manifest.json")
@@ -263,14 +269,17 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
     bar = None
 
     def flush(end):  # shard file first, then the manifest that vouches for it
-        shards.append({"file": shard_name(len(shards)), "tokens": fill, "start": start, "end": end})
+        name = shard_name(len(shards))
         try:
             os.makedirs(out, exist_ok=True)
-            write_atomic(os.path.join(out, shards[-1]["file"]), lambda f: np.save(f, buf[:fill]))
+            if not shards:  # a manifest (the settings, no shards) exists before any shard does: see read_manifest
+                write_manifest(out, manifest)
+            write_atomic(os.path.join(out, name), lambda f: np.save(f, buf[:fill]))
             pause_point("fineweb.before_manifest")  # tests kill here: a shard that the manifest does not list yet
+            shards.append({"file": name, "tokens": fill, "start": start, "end": end})
             write_manifest(out, manifest)
         except OSError as e:  # a full disk, no permission...: the shards finished before are kept
-            raise DataError(f"--out {out}: could not write {shards[-1]['file']} ({e})") from e
+            raise DataError(f"--out {out}: could not write {name} ({e})") from e
         pause_point("fineweb.after_shard")  # tests signal or kill here: mid-run, at a known shard
         if bar is not None:
             bar.close()

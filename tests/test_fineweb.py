@@ -247,6 +247,23 @@ def test_killed_run_resumes_to_identical_shards(tmp_path, start_paused, sig):
     np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(docs))
 
 
+def test_killed_between_a_shard_and_its_manifest_entry_resumes(tmp_path, start_paused):
+    """SIGKILL right after the first shard file is renamed into place, before a manifest lists it:
+    the same command again must work, and make the same bytes as a run that was never killed."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    proc, flag = start_paused("fineweb.before_manifest", "--data-files", data, "--out", out, "--shard-size", 1000)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    assert [os.path.basename(f) for f in shard_files(out)] == ["edufineweb_val_000000.npy"]
+    assert json.load(open(out / "manifest.json"))["shards"] == []  # the shard is a leftover: rewritten
+
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    run("--data-files", data, "--out", tmp_path / "ref", "--shard-size", 1000)
+    assert read_bytes(out) == read_bytes(tmp_path / "ref")
+    assert json.load(open(out / "manifest.json")) == json.load(open(tmp_path / "ref" / "manifest.json"))
+
+
 # ---- bad input: exit 2, a message naming the problem, nothing written -------------------------------
 def fails(capsys, *args):
     with pytest.raises(SystemExit) as e:
