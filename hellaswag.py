@@ -12,8 +12,8 @@ Speed comes from doing less work, in fewer passes (see `_score_batch`): the 4 en
 share one context, so it is computed once, with the endings packed after it in a single row; the
 50257-way vocabulary projection, a third of a 124M model's work per token, is done only where a
 position predicts an ending token; and many examples share each forward pass. `score_naive` is
-the plain loop (one example, 4 full rows, logits everywhere), the reference for tests and
-`--benchmark`.
+the plain loop (one example, 4 full rows, logits at every position), the reference for the tests
+and for bench_hellaswag.py, which times the two against each other.
 """
 import argparse
 import functools
@@ -21,8 +21,6 @@ import http.client
 import json
 import math
 import os
-import random
-import re
 import sys
 import tempfile
 import time
@@ -292,59 +290,6 @@ def evaluate(model, examples, device, batch_size=32, rank=0, world_size=1, autoc
     return result
 
 
-# ---------------------------------------------------------------- benchmark
-
-
-def fake_examples(text_file, n, seed=0):
-    """n examples in the official schema built from any text, for benchmarking offline: the
-    context is 1-3 consecutive sentences, the true ending the next one, the others random
-    sentences of about its length."""
-    with open(text_file, encoding="utf-8") as f:
-        sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", f.read())]
-    sentences = [s for s in sentences if 3 <= len(s.split()) <= 30]
-    by_words = {}  # like HellaSwag's, the wrong endings are about as long as the right one
-    for s in sentences:
-        by_words.setdefault(len(s.split()), []).append(s)
-    if len(sentences) < 10:
-        raise ValueError(f"{text_file}: too few sentences to build examples from")
-    rng = random.Random(seed)
-    examples = []
-    for i in range(n):
-        k = rng.randint(1, 3)
-        start = rng.randrange(len(sentences) - k)
-        ctx, true, label = " ".join(sentences[start : start + k]), sentences[start + k], rng.randrange(4)
-        words = len(true.split())
-        similar = [s for w in range(words - 2, words + 3) for s in by_words.get(w, []) if s != true]
-        endings = rng.sample(similar if len(similar) >= 3 else sentences, 3)
-        endings.insert(label, true)
-        examples.append(dict(ind=i, activity_label="fake", ctx_a=ctx, ctx_b="", ctx=ctx, split="val",
-                             split_type="fake", endings=endings, source_id=f"fake~{start}", label=label))
-    return examples
-
-
-def benchmark(model, examples, device, batch_size=32, autocast_dtype=None):
-    """examples/s of the plain loop and of the batched scoring on the same examples, and the
-    fraction of predictions (acc and acc_norm) on which they agree. The two alternate batch by
-    batch, so that a busy machine slows both alike."""
-    t0 = time.perf_counter()
-    encoded = [encode_example(ex, model.config.block_size) for ex in examples]
-    t_fast, t_naive = time.perf_counter() - t0, 0.0
-    naive, fast = torch.empty(2, len(examples), NUM_ENDINGS), torch.empty(2, len(examples), NUM_ENDINGS)
-    with inference(model, device, autocast_dtype):
-        score_naive(model, examples[0], device)  # warm-up: CUDA context, kernels, allocator
-        _score_batch(model, encoded[:1], device)
-        for batch in tqdm(_batches(encoded, batch_size), desc="benchmark", unit="batch"):
-            t0 = time.perf_counter()
-            for i in batch:
-                naive[:, i] = torch.stack(score_naive(model, examples[i], device)).cpu()
-            t1 = time.perf_counter()
-            fast[:, batch] = torch.stack(_score_batch(model, [encoded[i] for i in batch], device)).cpu()
-            t_naive, t_fast = t_naive + t1 - t0, t_fast + time.perf_counter() - t1
-    return dict(n=len(examples), naive_per_s=len(examples) / t_naive, fast_per_s=len(examples) / t_fast,
-                speedup=t_naive / t_fast, agreement=(naive.argmin(2) == fast.argmin(2)).float().mean().item(),
-                max_rel_diff=((naive - fast).abs() / naive.abs()).max().item())
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -354,49 +299,46 @@ def positive_int(s):
     return int(s)
 
 
+def usable_device(name):
+    """name, or for "auto" the best device here; a ValueError if this machine cannot use it."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)  # an absent or misspelt device fails here, with a clear message
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ValueError(f"--device {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
+    return name
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy (completion style) of a GPT-2 model.")
     p.add_argument("-m", "--model", default="gpt2", help="an OpenAI size (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
                    "a Hugging Face save_pretrained directory, or a train_gpt2.py checkpoint (default: gpt2)")
-    p.add_argument("--random-init", action="store_true", help="random weights of the -m size instead (no download; "
-                   "for benchmarks and smoke tests)")
     p.add_argument("--split", default="val", choices=SPLITS, help="split to download and evaluate (default: val)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where splits are downloaded (default: hellaswag/)")
     p.add_argument("--data-file", help="evaluate this local jsonl (official schema) instead of a downloaded split")
-    p.add_argument("--fake-from", metavar="TEXT_FILE", help="instead, build fake examples from sentences of a text "
-                   "file (for --benchmark offline)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward pass (default: 32)")
-    p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all; 32 with --benchmark)")
+    p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="autocast dtype; bfloat16 is fastest on a recent GPU (default: float32)")
-    p.add_argument("--benchmark", action="store_true", help="time the plain one-example loop against the batched "
-                   "evaluation on the same examples and check that they agree")
     args = p.parse_args(argv)
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
-        torch.empty(0, device=device)  # an absent or misspelt device fails here, with a clear message
-    except (RuntimeError, AssertionError, ValueError) as e:
-        print(f"error: --device {device}: not usable on this machine ({str(e).splitlines()[0]})", file=sys.stderr)
+        device = usable_device(args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    limit = args.limit or (32 if args.benchmark else None)
-    from model import GPT, config_for
+    from model import GPT
 
     try:
-        model = GPT(config_for(args.model)) if args.random_init else GPT.from_pretrained(args.model)
+        model = GPT.from_pretrained(args.model)
     except (ValueError, OSError) as e:
         print(f"error: -m {args.model}: {e}", file=sys.stderr)
         return 2
     try:  # after the model: its block size decides which examples fit
-        if args.fake_from:
-            examples = fake_examples(args.fake_from, limit or 1000)
-        else:
-            examples = load_examples(args.split, args.cache_dir, args.data_file,
-                                     block_size=model.config.block_size)[:limit]
+        examples = load_examples(args.split, args.cache_dir, args.data_file, block_size=model.config.block_size)
     except HellaSwagUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -405,24 +347,14 @@ def main(argv=None):
         return 2
     model.to(device)
 
-    if args.benchmark:
-        r = benchmark(model, examples, device, args.batch_size, autocast_dtype)
-        print(f"{r['n']} examples, {args.model}{' (random weights)' if args.random_init else ''}, {device}, {args.dtype}")
-        print(f"plain loop  {r['naive_per_s']:8.2f} examples/s")
-        print(f"batched     {r['fast_per_s']:8.2f} examples/s  (batch size {args.batch_size})")
-        print(f"speedup     {r['speedup']:8.2f}x")
-        same = r["agreement"] == 1.0
-        print(f"identical predictions: {'yes' if same else 'NO'} ({r['agreement']:.2%} agree); "
-              f"largest relative difference in a loss {r['max_rel_diff']:.1e}")
-        # in float32 the two must agree exactly; in 16-bit, rounding may flip a near-tie
-        return 0 if same or autocast_dtype is not None else 1
     t0 = time.perf_counter()
-    r = evaluate(model, examples, device, args.batch_size, autocast_dtype=autocast_dtype, progress=True)
-    dt = time.perf_counter() - t0
-    print(f"examples   {r['n']}")
-    print(f"acc        {r['acc']:.4f}  ({r['correct']}/{r['n']})")
-    print(f"acc_norm   {r['acc_norm']:.4f}  ({r['correct_norm']}/{r['n']})")
-    print(f"examples/s {r['n'] / dt:.1f}  ({dt:.1f} s)")
+    result = evaluate(model, examples[: args.limit], device, args.batch_size, autocast_dtype=autocast_dtype,
+                      progress=True)
+    seconds = time.perf_counter() - t0
+    print(f"examples   {result['n']}")
+    print(f"acc        {result['acc']:.4f}  ({result['correct']}/{result['n']})")
+    print(f"acc_norm   {result['acc_norm']:.4f}  ({result['correct_norm']}/{result['n']})")
+    print(f"examples/s {result['n'] / seconds:.1f}  ({seconds:.1f} s)")
     return 0
 
 

@@ -360,7 +360,7 @@ def test_a_rank_without_examples_reports_nan_not_a_crash(ours, examples):
     assert r["n"] == 0 and r["correct"] == 0 and math.isnan(r["acc"]) and math.isnan(r["acc_norm"])
 
 
-# ---------------------------------------------------------------- command line and benchmark
+# ---------------------------------------------------------------- command line and batching
 
 
 def test_cli_prints_accuracy(hf_dir, data_file, examples, reference, capsys):
@@ -398,16 +398,6 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, hf_dir, capsys):
     with pytest.raises(SystemExit) as e:
         hellaswag.main(["--limit", "0"])
     assert e.value.code == 2
-
-
-def test_benchmark_agrees_with_plain_loop(ours, tmp_path):
-    text = tmp_path / "text.txt"
-    text.write_text(" ".join(sentence(random.Random(i), 3, 12) + "." for i in range(200)))
-    fake = hellaswag.fake_examples(str(text), 12)
-    for i, ex in enumerate(fake):
-        hellaswag.check_example(ex, f"fake example {i}")
-    r = hellaswag.benchmark(ours, fake, "cpu", batch_size=4)
-    assert r["n"] == 12 and r["agreement"] == 1.0 and r["max_rel_diff"] < 1e-5
 
 
 def test_batches_cover_every_example_once_with_little_padding():
