@@ -3,6 +3,7 @@ training log and checkpoints that this test writes stand in for GPT-2 and a real
 import dataclasses
 import json
 import os
+import re
 import sys
 
 import nbformat
@@ -54,7 +55,8 @@ def outputs_text(cell):
 def test_notebook_runs_end_to_end_offline(tmp_path, monkeypatch):
     torch.manual_seed(0)
     hf_dir = tmp_path / "tiny-gpt2"  # vocab 50257 so tiktoken's ids fit; 64 positions > prompt + 30
-    GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2)).save_pretrained(hf_dir)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=2))
+    hf.save_pretrained(hf_dir)
     log_dir = tmp_path / "log"
     log_dir.mkdir()
     write_log(log_dir / "log.jsonl")
@@ -95,6 +97,40 @@ def test_notebook_runs_end_to_end_offline(tmp_path, monkeypatch):
     # the newest of train_gpt2.py's checkpoints (n_layer=2), not the user's ckpt_best.pt (n_layer=3)
     assert "ckpt_000010.pt: " in text and "n_layer=2" in text.split("ckpt_000010.pt: ")[1].splitlines()[0]
     assert "ckpt_best.pt" not in text
+
+    # section 4, the walkthrough's experiments: their results, not only that they ran
+    assert sum("image/png" in o.get("data", {}) for c in code_cells for o in c.outputs) >= 3  # log, wpe, stds
+    # wpe of the tiny random model: its shape, and no structure (trained weights: neighbours alike)
+    positions, channels, sim = find(r"wpe: (\d+) positions x (\d+) channels; neighbour cosine similarity (\S+)", text)
+    assert (int(positions), int(channels)) == (64, 32) and abs(float(sim)) < 0.15
+    # tying: one tensor; parameters() counts it once (as HF does), the state dict once per name
+    assert "wte.weight is lm_head.weight: True" in text and "same storage: True" in text
+    once, per_name = (int(n.replace(",", "")) for n in find(r"parameters: ([\d,]+) counted once, ([\d,]+) counted per name", text))
+    assert once == sum(p.numel() for p in hf.parameters()) and per_name - once == 50257 * 32
+    assert float(find(r"tied gradient vs embedding's \+ classifier's: max abs diff (\S+)", text)[0]) < 1e-6
+    assert "after one SGD step: wte changed True | lm_head changed True | still one tensor True" in text
+    # the toy residual stream: 100 additions of randn have std sqrt(100) = 10, scaled by 100**-0.5 std 1
+    assert 9 < float(find(r"100 additions, scale 1: std (\S+)", text)[0]) < 11
+    assert 0.9 < float(find(r"100 additions, scale 0.1: std (\S+)", text)[0]) < 1.1
+    # the 12-block model: without the scale the stream grows about as sqrt(depth) (sqrt(12) = 3.5);
+    # with it, all 12 blocks add less than one unscaled block does (24 branches at 1/24 the variance)
+    table = text.split("block  scaled init  plain 0.02\n")[1]
+    rows = [tuple(map(float, m)) for m in re.findall(r"^\s*\d+\s+([\d.]+)\s+([\d.]+)$", table, re.M)]
+    assert len(rows) == 12
+    scaled, plain = zip(*rows)
+    assert all(a < b for a, b in zip(plain, plain[1:])) and plain[-1] > 2.5 * plain[0]
+    assert scaled[-1] < plain[0] and plain[-1] > 3 * scaled[-1]
+    # gradient accumulation: k micro-batches with loss / k give the big batch's gradient; without, k times it
+    assert float(find(r"big batch vs accumulated with loss / k: max abs diff (\S+)", text)[0]) < 1e-6
+    ratio, k = find(r"accumulated without / k: gradient norm (\S+) x the big batch's \(k = (\d+)\)", text)
+    assert int(k) > 1 and abs(float(ratio) - int(k)) < 1e-3
+
+
+def find(pattern, text):
+    """The groups of pattern's first match in text (a clear failure if the notebook printed none)."""
+    match = re.search(pattern, text)
+    assert match, f"the notebook printed no line matching {pattern!r}"
+    return match.groups()
 
 
 def test_committed_notebook_has_no_outputs():
