@@ -6,17 +6,22 @@
     python train_gpt2.py --preset shakespeare                # a first run: tiny model, Tiny Shakespeare, any CPU
     python train_gpt2.py --resume auto                       # continue from the newest checkpoint in --log-dir
 
-Each optimizer step sees --total-batch-size tokens: every rank runs grad_accum_steps micro-batches of
---batch-size x --seq-len tokens, and DDP averages the gradients across ranks once per step. The
-learning rate warms up linearly, then decays along a cosine to 10% of its peak. Every --eval-every
-steps: validation loss, HellaSwag accuracy and a few samples. A checkpoint holds everything needed to
-continue exactly where the run stopped; SIGTERM or Ctrl-C finishes the step and writes one.
+The recipe (GPT-3 paper, table 2.1, "Small"): AdamW(0.9, 0.95, eps 1e-8), weight decay 0.1 on
+matrices only, gradients clipped to norm 1.0, 0.5M-token batches, learning rate 6e-4 warmed up
+linearly over 715 steps, then a cosine down to 10% at step 19,073. Each optimizer step sees
+--total-batch-size tokens: every rank runs grad_accum_steps micro-batches of --batch-size x --seq-len
+tokens, and DDP averages the gradients across ranks once per step. Every --eval-every steps: val
+loss, HellaSwag accuracy and a few samples. A checkpoint holds everything needed to continue exactly
+where the run stopped; SIGTERM or Ctrl-C finishes the step and writes one.
+
+Reading order: get_lr (the schedule) -> dataloader.py (the data) -> train_step, val_loss (one step,
+one eval) -> train() (the run, top to bottom) -> the command line at the end. Checkpoints, the log
+and distributed plumbing sit in between; model.py holds the GPT itself.
 """
 import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import glob
 import json
 import math
@@ -26,99 +31,19 @@ import re
 import signal
 import sys
 import time
-import urllib.request
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model import EOT, GPT, OPENAI_SIZES, GPTConfig
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-PRESETS = {  # named sets of defaults; flags given on the command line still win
-    # a first run on any machine: a 4-layer model learns Tiny Shakespeare in a few minutes on 2 CPU cores
-    "shakespeare": dict(data="input.txt", n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=8,
-                        total_batch_size=1024, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
-                        sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1, sample_tokens=64,
-                        sample_prompt="ROMEO:", checkpoint_every=0, log_dir="log/shakespeare"),
-}
+import weights
+from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
+from model import GPT, H100_BF16_PEAK_FLOPS, OPENAI_SIZES, config_for
+from utils import atomic_write
 
 
 class TrainError(Exception):
-    """Bad input (a flag, the data, a checkpoint): main prints the message and exits with status 2."""
-
-
-def _count(min_value):
-    def parse(text):
-        if not text.lstrip("-").isdigit() or int(text) < min_value:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {min_value}, got {text!r}")
-        return int(text)
-    return parse
-
-
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # "(default: ...)", except for flags that are off by default
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=_Help)
-    a = p.add_argument
-    a("--preset", choices=sorted(PRESETS), help="start from a named set of defaults (flags you give still win): "
-      "shakespeare = a 4-layer model on Tiny Shakespeare, minutes on a CPU")
-    a("--data", default="edu_fineweb10B", help="a directory of uint16 .npy shards (*_train_*, *_val_*) from "
-      "fineweb.py, or a .txt file tokenized at start (first 90%% train, last 10%% val)")
-    a("--model", default="gpt2", choices=list(OPENAI_SIZES), help="model shape: one of OpenAI's (gpt2 = 124M)")
-    a("--n-layer", type=_count(1), help="override the number of layers of --model")
-    a("--n-head", type=_count(1), help="override the number of attention heads of --model")
-    a("--n-embd", type=_count(1), help="override the embedding width of --model")
-    a("--padded-vocab-size", type=_count(0), default=50304, help="embedding rows; 50304 (a multiple of 128) "
-      "is faster than the real 50257; 0 = no padding")
-    a("--init-from", help="fine-tune: start from an OpenAI size (gpt2, ...), a Hugging Face directory or a "
-      "checkpoint file instead of random weights (the shape flags are then ignored)")
-    a("--batch-size", type=_count(1), default=64, help="micro-batch: sequences per rank per forward pass "
-      "(if memory runs out, lower it: the accumulation grows, the total batch stays)")
-    a("--seq-len", type=_count(1), default=1024, help="tokens per sequence (and a new model's block size)")
-    a("--total-batch-size", type=_count(1), default=524288, help="tokens per optimizer step, all ranks and "
-      "micro-steps together: a multiple of batch-size x seq-len x world size")
-    a("--max-steps", type=_count(1), default=19073, help="optimizer steps (19,073 x 524,288 tokens = 10B)")
-    a("--warmup-steps", type=_count(0), default=715, help="steps of linear learning-rate warmup")
-    a("--lr", type=float, default=6e-4, help="peak learning rate")
-    a("--min-lr-ratio", type=float, default=0.1, help="the cosine ends at --lr times this, at --max-steps")
-    a("--weight-decay", type=float, default=0.1, help="AdamW weight decay of matrices and embeddings only")
-    a("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this; 0 = no clipping")
-    a("--eval-every", type=_count(0), default=250, help="val loss and HellaSwag every N steps and at the end "
-      "(0: at the end only)")
-    a("--val-tokens", type=_count(1), default=20 * 524288, help="tokens per val loss: always the first ones of "
-      "the val data, rounded down to whole batch-size x seq-len x world-size batches")
-    a("--hellaswag", action=argparse.BooleanOptionalAction, default=True, help="HellaSwag acc_norm at each eval "
-      "(downloaded once into hellaswag/; skipped with one line if unavailable)")
-    a("--hellaswag-file", help="a local HellaSwag .jsonl to evaluate instead of the downloaded val split")
-    a("--sample-every", type=_count(0), default=250, help="print samples every N steps and at the end "
-      "(0: at the end only)")
-    a("--num-samples", type=_count(0), default=4, help="samples per rank each time")
-    a("--sample-tokens", type=_count(1), default=32, help="new tokens per sample")
-    a("--sample-prompt", default="Hello, I'm a language model,", help="the prompt the samples continue")
-    a("--checkpoint-every", type=_count(0), default=5000, help="checkpoint every N steps, and always at the "
-      "end and on SIGTERM/SIGINT")
-    a("--keep-checkpoints", type=_count(1), default=3, help="keep only the newest K checkpoints in --log-dir")
-    a("--log-dir", default="log", help="where log.jsonl and the checkpoints ckpt_NNNNNN.pt go")
-    a("--resume", help="'auto': from the newest checkpoint in --log-dir (if any); or a checkpoint file")
-    a("--seed", type=_count(0), default=1337, help="seeds the initial weights, the data order and sampling")
-    a("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun "
-      "each rank takes cuda:LOCAL_RANK")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype: auto = "
-      "bfloat16 on CUDA, else float32 (weights and optimizer state are float32 always)")
-    a("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model for "
-      "training (default: on with CUDA; elsewhere off: it needs a C++ compiler and starts slowly)")
-    a("--peak-tflops", type=float, default=989.0, help="one device's dense bf16 peak, for MFU "
-      "(H100/H200 SXM: 989, A100: 312)")
-    args = p.parse_args(argv)
-    if args.preset:  # parse again with the preset as defaults, so that explicit flags still win
-        p.set_defaults(**PRESETS[args.preset])
-        args = p.parse_args(argv)
-    return args
+    """Bad input (a flag, a checkpoint): main prints the message and exits with status 2."""
 
 
 # ---------------------------------------------------------------- learning rate
@@ -130,157 +55,109 @@ def get_lr(step, args):
     if step < args.warmup_steps:
         return max_lr * (step + 1) / args.warmup_steps  # step 0 already learns a little
     progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)  # cosine: 1 -> 0
 
 
 # ---------------------------------------------------------------- data
-
-
-def data_sources(path):
-    """(train, val) shards of --data: lists of .npy paths, or for a .txt one (name, tokens) pair each."""
-    if path.endswith(".txt"):
-        if not os.path.exists(path) and os.path.basename(path) == "input.txt":
-            download_shakespeare(path)
-        import tiktoken
-
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise TrainError(f"--data {path}: cannot read it as UTF-8 text ({e})") from e
-        tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
-        cut = len(tokens) * 9 // 10
-        return [(f"{path} (first 90%)", tokens[:cut])], [(f"{path} (last 10%)", tokens[cut:])]
-    if not os.path.isdir(path):
-        raise TrainError(f"--data {path}: no such directory. Run `python fineweb.py` first to download and "
-                         "tokenize FineWeb-edu into it (or try --preset shakespeare for a small first run)")
-    files = sorted(glob.glob(os.path.join(path, "*.npy")))
-    train = [f for f in files if "_train_" in os.path.basename(f)]
-    val = [f for f in files if "_val_" in os.path.basename(f)]
-    for split, found in (("train", train), ("val", val)):
-        if not found:
-            raise TrainError(f"--data {path}: no {split} shards (*_{split}_*.npy). Run `python fineweb.py` "
-                             "to write them")
-    return train, val
-
-
-def download_shakespeare(path):
-    print(f"{path} not found: downloading Tiny Shakespeare from {SHAKESPEARE_URL}", flush=True)
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
-            data = response.read()
-    except OSError as e:  # urllib's errors are OSErrors
-        raise TrainError(f"--data {path} does not exist and downloading it failed ({e}). Offline? Fetch "
-                         f"{SHAKESPEARE_URL} to {path} by hand, or pass --data FILE.txt") from e
-    tmp = f"{path}.{os.getpid()}.tmp"  # one temporary name per process: ranks may all download at once
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-class DataLoader:
-    """Micro-batches from one endless token stream: the shards one after another, epoch after epoch.
-
-    With shuffle, each epoch visits the shards in a new order and each shard's documents (every one
-    starts with EOT) in a new order, both drawn from (seed, epoch): an unshuffled run shows loss bumps
-    at shard boundaries. Batches cross shard and epoch boundaries, so no token is skipped or repeated.
-    Optimizer step s reads the next window of B*T*world*accum tokens (plus one, the last target), and
-    micro-step m of rank r takes slice m*world + r of it: a step sees the same tokens whatever the
-    world size. Shards stay memory-mapped; only the current one is held as a (uint16) permuted copy."""
-
-    def __init__(self, shards, B, T, rank=0, world_size=1, grad_accum_steps=1, shuffle=True, seed=0,
-                 vocab_size=50257, device="cpu"):
-        self.shards, self.B, self.T, self.rank, self.world_size = shards, B, T, rank, world_size
-        self.accum, self.shuffle, self.seed, self.vocab_size = grad_accum_steps, shuffle, seed, vocab_size
-        self.device = torch.device(device)
-        self.step_tokens = B * T * world_size * grad_accum_steps
-        # open every shard now (headers only) so that a bad file fails at start, not hours into the run
-        self.num_tokens = sum(len(self._open(i)[1]) for i in range(len(shards)))
-        need = B * T * world_size + 1  # a batch may span shards, but the data must hold one
-        if self.num_tokens < need:
-            raise TrainError(f"{shards[0] if isinstance(shards[0], str) else shards[0][0]}"
-                             f"{f' and {len(shards) - 1} more shard(s)' if len(shards) > 1 else ''}: "
-                             f"{self.num_tokens:,} tokens, fewer than one batch-size x seq-len x world-size "
-                             f"slice + 1 = {need:,}; lower --batch-size or --seq-len, or use more data")
-        self.reset()
-
-    def _open(self, i):
-        """Shard i as (name, 1-D uint16 array); a file is memory-mapped, never read whole into memory."""
-        if isinstance(self.shards[i], tuple):
-            name, tokens = self.shards[i]
-        else:
-            name = self.shards[i]
-            try:
-                tokens = np.load(name, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise TrainError(f"{name}: unreadable shard ({e}); write it again with `python fineweb.py`") from e
-        if tokens.dtype != np.uint16 or tokens.ndim != 1:
-            raise TrainError(f"{name}: a {tokens.ndim}-D {tokens.dtype} array; token shards must be 1-D uint16 "
-                             "(as fineweb.py writes them)")
-        if len(tokens) == 0:
-            raise TrainError(f"{name}: an empty shard; write it again with `python fineweb.py`, or delete it")
-        return name, tokens
-
-    def _set_position(self, epoch, shard, offset):
-        self.epoch, self.shard, self.offset = epoch, shard, offset
-        n = len(self.shards)
-        self.order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-        self.tokens = None  # release the previous shard before building the next one: memory stays flat
-        name, tokens = self._open(self.order[shard])
-        if int(tokens.max()) >= self.vocab_size:  # one pass over the memory map, once per shard
-            raise TrainError(f"{name}: token id {int(tokens.max())} >= vocab size {self.vocab_size}")
-        if self.shuffle:
-            starts = np.flatnonzero(tokens == EOT)
-            bounds = np.concatenate([[0], starts[starts > 0], [len(tokens)]])  # a first partial document too
-            perm = np.random.default_rng([self.seed, epoch, int(self.order[shard])]).permutation(len(bounds) - 1)
-            tokens = np.concatenate([tokens[bounds[j]: bounds[j + 1]] for j in perm])
-        self.tokens = tokens
-
-    def _take(self, n):
-        """A copy of the next n tokens of the stream, moving on to the next shard or epoch as needed."""
-        parts = []
-        while n > 0:
-            parts.append(np.array(self.tokens[self.offset: self.offset + n]))
-            self.offset += len(parts[-1])
-            n -= len(parts[-1])
-            if self.offset == len(self.tokens):
-                last_shard = self.shard + 1 == len(self.shards)
-                self._set_position(self.epoch + last_shard, 0 if last_shard else self.shard + 1, 0)
-        return np.concatenate(parts)
-
-    def reset(self):
-        """Back to the start of epoch 0 (the validation loader does this before every eval)."""
-        self._set_position(0, 0, 0)
-        self.pending, self.micro = int(self._take(1)[0]), 0  # pending: the first input of the next window
-
-    def state_dict(self):
-        """The stream position between optimizer steps, as plain ints (for checkpoints)."""
-        return dict(epoch=self.epoch, shard=self.shard, offset=self.offset, pending=self.pending,
-                    num_shards=len(self.shards))
-
-    def load_state_dict(self, state):
-        if state["num_shards"] != len(self.shards):
-            raise TrainError(f"the checkpoint's data had {state['num_shards']} shards, --data has {len(self.shards)}")
-        self._set_position(state["epoch"], state["shard"], state["offset"])
-        self.pending, self.micro = state["pending"], 0
-
-    def next_batch(self):
-        """This rank's next micro-batch: inputs x and targets y (x shifted by one), (B, T) int64 on the device."""
-        if self.micro == 0:
-            new = self._take(self.step_tokens)
-            self.window = np.concatenate([np.array([self.pending], dtype=np.uint16), new])
-            self.pending = int(new[-1])
-        BT, i = self.B * self.T, self.micro * self.world_size + self.rank
-        buf = torch.from_numpy(self.window[i * BT: i * BT + BT + 1].astype(np.int64))  # only B*T+1 tokens
-        self.micro = (self.micro + 1) % self.accum
-        if self.device.type == "cuda":  # from pinned memory the copy is asynchronous: no host-device sync
-            buf = buf.pin_memory().to(self.device, non_blocking=True)
-        else:
-            buf = buf.to(self.device)
-        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+# dataloader.py: data_sources(--data) lists the train and val shards; DataLoader turns them into
+# (x, y) micro-batches, each rank its own slice of every optimizer step's tokens.
 
 
 # ---------------------------------------------------------------- model, training step, evaluation
+
+
+def build_model(args, device):
+    """A new GPT of the requested shape (seeded by the caller), or pretrained weights with --init-from."""
+    try:
+        if args.init_from:
+            model = GPT.from_pretrained(args.init_from, padded_vocab_size=args.padded_vocab_size)
+        else:
+            shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
+            model = GPT(config_for(args.model, block_size=args.seq_len, padded_vocab_size=args.padded_vocab_size,
+                                   **shape))
+    except (ValueError, OSError) as e:
+        raise TrainError(f"{'--init-from ' + args.init_from if args.init_from else 'model shape'}: {e}") from e
+    if args.seq_len > model.config.block_size:
+        raise TrainError(f"--seq-len {args.seq_len} is longer than the model's block size {model.config.block_size}")
+    return model.to(device)
+
+
+def autocast(device, dtype):
+    """Matmuls in dtype (bfloat16), weights and reductions in float32; dtype None = plain float32."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip=1.0, autocast_dtype=None):
+    """One optimizer step over grad_accum_steps micro-batches from loader. Returns (mean loss over all
+    micro-steps and ranks, gradient norm) as device tensors: nothing here waits for the device, so the
+    host keeps queueing work ahead of it (the caller reads the two numbers once, to log them)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_accum = 0.0
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        # DDP all-reduces gradients after every backward; only the step's last one needs it (the
+        # walkthrough sets model.require_backward_grad_sync; no_sync() is the public way)
+        sync = micro_step == grad_accum_steps - 1 or not isinstance(model, DDP)
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast(x.device, autocast_dtype):
+                _, loss = model(x, y, return_logits=False)
+            loss = loss / grad_accum_steps  # the summed gradients are then those of the mean loss
+            loss.backward()
+        loss_accum = loss_accum + loss.detach()
+    if dist.is_initialized():  # log the mean over all ranks, not only this rank's (gloo has no AVG)
+        dist.all_reduce(loss_accum)
+        loss_accum = loss_accum / dist.get_world_size()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_accum, norm
+
+
+@torch.no_grad()
+def val_loss(model, loader, steps, autocast_dtype=None):
+    """Mean loss over the first `steps` val batches: the same tokens at every eval, split across ranks."""
+    loader.reset()
+    total = torch.zeros((), device=loader.device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with autocast(x.device, autocast_dtype):
+            total += model(x, y, return_logits=False)[1].float()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return (total / steps).item()
+
+
+def print_samples(model, args, device, rank, autocast_dtype=None):
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = torch.tensor([enc.encode_ordinary(args.sample_prompt)] * args.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each rank its own samples
+    with autocast(device, autocast_dtype):
+        out = model.generate(prompt, args.sample_tokens, top_k=50, generator=generator)
+    for i, row in enumerate(out.tolist()):
+        print(f"rank {rank} sample {i}: {enc.decode(row)}", flush=True)
+
+
+def load_hellaswag(args, block_size):
+    """HellaSwag val examples, or None (after one line saying why) when off or unavailable. Rank 0
+    calls this (downloading once); on_rank0 sends the examples to the other ranks."""
+    if not args.hellaswag:
+        return None
+    import hellaswag
+
+    try:
+        return hellaswag.load_examples("val", data_file=args.hellaswag_file, block_size=block_size)
+    except hellaswag.HellaSwagUnavailable as e:
+        print(f"hellaswag: skipped ({e}; in train_gpt2.py that is --hellaswag-file)", flush=True)
+        return None
+    except (OSError, ValueError) as e:
+        raise TrainError(f"HellaSwag data: {e} (pass --hellaswag-file FILE or --no-hellaswag)") from e
+
+
+# ---------------------------------------------------------------- distributed helpers
 
 
 def setup_distributed(device_arg):
@@ -300,66 +177,10 @@ def setup_distributed(device_arg):
     return env["RANK"], env["WORLD_SIZE"], device
 
 
-def build_model(args, device):
-    """A new GPT of the requested shape (seeded by the caller), or pretrained weights with --init-from."""
-    try:
-        if args.init_from:
-            model = GPT.from_pretrained(args.init_from, padded_vocab_size=args.padded_vocab_size)
-        else:
-            shape = {**OPENAI_SIZES[args.model],
-                     **{k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}}
-            model = GPT(GPTConfig(block_size=args.seq_len, padded_vocab_size=args.padded_vocab_size, **shape))
-    except (ValueError, OSError) as e:
-        raise TrainError(f"{'--init-from ' + args.init_from if args.init_from else 'model shape'}: {e}") from e
-    if args.seq_len > model.config.block_size:
-        raise TrainError(f"--seq-len {args.seq_len} is longer than the model's block size {model.config.block_size}")
-    return model.to(device)
-
-
-def autocast(device, dtype):
-    """Matmuls in dtype (bfloat16), weights and reductions in float32; dtype None = plain float32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
-def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip=1.0, autocast_dtype=None):
-    """One optimizer step over grad_accum_steps micro-batches from loader. Returns (mean loss over all
-    micro-steps and ranks, gradient norm) as device tensors: nothing here waits for the device, so the
-    host keeps queueing work ahead of it (the caller reads the two numbers once, to log them)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss_sum = 0.0
-    for micro in range(grad_accum_steps):
-        x, y = loader.next_batch()
-        # DDP would all-reduce gradients after every backward; only the step's last one needs it
-        sync = micro == grad_accum_steps - 1 or not isinstance(model, DDP)
-        with contextlib.nullcontext() if sync else model.no_sync():
-            with autocast(x.device, autocast_dtype):
-                _, loss = model(x, y)
-            loss = loss / grad_accum_steps  # the accumulated gradient is then that of the mean loss
-            loss.backward()
-        loss_sum = loss_sum + loss.detach()
-    if dist.is_initialized():  # log the mean over all ranks, not only this rank's
-        dist.all_reduce(loss_sum)
-        loss_sum = loss_sum / dist.get_world_size()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss_sum, norm
-
-
-@torch.no_grad()
-def val_loss(model, loader, steps, autocast_dtype=None):
-    """Mean loss over the first `steps` val batches: the same tokens at every eval, split across ranks."""
-    loader.reset()
-    total = torch.zeros((), device=loader.device)
-    for _ in range(steps):
-        x, y = loader.next_batch()
-        with autocast(x.device, autocast_dtype):
-            total += model(x, y)[1].float()
-    if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return (total / steps).item()
+def print0(*args, **kwargs):
+    """print on rank 0 only (torchrun sets RANK), so that 8 GPUs print one line, not 8."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
 
 
 def on_rank0(fn):
@@ -370,7 +191,7 @@ def on_rank0(fn):
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             result = fn()
-        except TrainError as e:
+        except (TrainError, DataError) as e:
             error = str(e)
         except Exception as e:  # anything else too: the other ranks must not wait for a broadcast
             if not dist.is_initialized():
@@ -385,42 +206,18 @@ def on_rank0(fn):
     return result
 
 
-def load_hellaswag(args):
-    """HellaSwag val examples, or None (after one line saying why) when off or unavailable. Rank 0
-    calls this (downloading once); on_rank0 sends the examples to the other ranks."""
-    if not args.hellaswag:
-        return None
-    import hellaswag
-
-    try:
-        return hellaswag.load_examples("val", data_file=args.hellaswag_file)
-    except hellaswag.HellaSwagUnavailable as e:
-        print(f"hellaswag: skipped ({e}; in train_gpt2.py that is --hellaswag-file)", flush=True)
-        return None
-    except (OSError, ValueError) as e:
-        raise TrainError(f"HellaSwag data: {e} (pass --hellaswag-file FILE or --no-hellaswag)") from e
-
-
-def print_samples(model, args, device, rank, autocast_dtype=None):
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
-    prompt = torch.tensor([enc.encode_ordinary(args.sample_prompt)] * args.num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each rank its own samples
-    with autocast(device, autocast_dtype):
-        out = model.generate(prompt, args.sample_tokens, top_k=50, generator=generator)
-    for i, row in enumerate(out.tolist()):
-        print(f"rank {rank} sample {i}: {enc.decode(row)}", flush=True)
-
-
 # ---------------------------------------------------------------- checkpoints and log
 
 
 def checkpoints(log_dir):
     """This script's checkpoints in log_dir (ckpt_NNNNNN.pt), oldest first; other files are ignored."""
-    found = [f for f in glob.glob(os.path.join(log_dir, "ckpt_*.pt"))
+    found = [f for f in glob.glob(os.path.join(glob.escape(log_dir), "ckpt_*.pt"))  # log_dir taken literally
              if re.fullmatch(r"ckpt_\d{6,}\.pt", os.path.basename(f))]  # not a ckpt_best.pt of the user's
     return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path):
+    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
 
 
 def save_checkpoint(args, step, raw_model, optimizer, loader):
@@ -429,18 +226,10 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
-    with open(path + ".tmp", "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a machine crash cannot leave a truncated file
-    os.replace(path + ".tmp", path)  # a crash mid-write never leaves a broken file under the real name
+    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write never leaves a broken file
     for old in checkpoints(args.log_dir)[:-args.keep_checkpoints]:
         os.remove(old)
     return path
-
-
-def checkpoint_step(path):
-    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
 
 
 def find_checkpoint(args):
@@ -459,10 +248,7 @@ def find_checkpoint(args):
         return found[-1] if found else None
     if not os.path.isfile(args.resume):
         raise TrainError(f"--resume {args.resume}: no such file (give a checkpoint file, or 'auto')")
-    try:  # memory-mapped: reads the step without loading the weights
-        step = torch.load(args.resume, map_location="cpu", weights_only=True, mmap=True)["step"]
-    except Exception as e:
-        raise TrainError(f"--resume {args.resume}: not a readable train_gpt2.py checkpoint ({e!r})") from e
+    step = read_checkpoint(args.resume, mmap=True)["step"]  # memory-mapped: the step, not the weights
     later = [f for f in found if checkpoint_step(f) > step]
     if later:
         raise TrainError(f"--resume {args.resume} continues from step {step}, but --log-dir {args.log_dir} holds "
@@ -471,13 +257,16 @@ def find_checkpoint(args):
     return args.resume
 
 
+def read_checkpoint(path, mmap=False):
+    try:
+        return weights.read_checkpoint(path, keys=("model", "config", "step", "optimizer", "loader", "rng"), mmap=mmap)
+    except ValueError as e:
+        raise TrainError(f"--resume {e}") from e
+
+
 def load_checkpoint(path, raw_model, optimizer, loader):
     """Restore everything a checkpoint holds; returns the number of steps it had completed."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        ckpt["model"], ckpt["config"], ckpt["step"]  # noqa: B018 (a KeyError if it is not ours)
-    except Exception as e:  # a truncated file, another format, ...: all the same to the user
-        raise TrainError(f"--resume {path}: not a readable train_gpt2.py checkpoint ({e!r})") from e
+    ckpt = read_checkpoint(path)
     want = dataclasses.asdict(raw_model.config)
     if ckpt["config"] != want:
         shape = lambda c: ", ".join(f"{k}={v}" for k, v in c.items())  # noqa: E731
@@ -498,14 +287,28 @@ def load_checkpoint(path, raw_model, optimizer, loader):
     return ckpt["step"]
 
 
+def resume(args, raw_model, optimizer, loader, device):
+    """Load the checkpoint to resume from, if any (rank 0 finds it; every rank reads it). Returns the start step."""
+    ckpt = on_rank0(lambda: find_checkpoint(args))  # rank 0 writes --log-dir: it decides
+    if not ckpt:
+        return 0
+    if dist.is_initialized():  # every rank reads the checkpoint rank 0 found
+        seen = torch.tensor(float(os.path.isfile(ckpt)), device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        if not seen.item():
+            raise TrainError(f"{ckpt}: rank 0 resumes from it, but not every rank can read it; with several "
+                             "nodes, --log-dir must be on a filesystem that all of them share")
+    start_step = load_checkpoint(ckpt, raw_model, optimizer, loader)
+    print0(f"resumed from {ckpt} at step {start_step}")
+    return start_step
+
+
 def trim_log(path, start_step):
-    """log.jsonl is an append log; a run starting at step k keeps the records of earlier steps only
-    (and drops a last line cut short by a crash)."""
+    """log.jsonl is an append log (the walkthrough's log.txt, one JSON record per line); a run starting
+    at step k keeps the records of earlier steps only (and drops a last line cut short by a crash)."""
     lines = open(path).readlines() if os.path.exists(path) else []
     kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] < start_step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, lambda f: f.write("".join(kept).encode()))
 
 
 def append_log(path, **record):
@@ -513,38 +316,21 @@ def append_log(path, **record):
         f.write(json.dumps(record) + "\n")
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- the run
 
 
 STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the loop stops at the end of the step
 
 
-def _request_stop(signum, frame):
+def request_stop(signum, frame):
     # Only a flag: a scheduler may signal torchrun and every worker at once, and torchrun passes its
     # signal on too, so one preemption can arrive twice; each must still end in a checkpoint.
     STOP["signal"] = signum
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    STOP["signal"] = None
-    handlers = {s: signal.signal(s, _request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return train(args)
-    except TrainError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def train(args):
     rank, world_size, device = setup_distributed(args.device)
-    master = rank == 0  # rank 0 prints, logs and writes checkpoints
-    say = functools.partial(print, flush=True) if master else lambda *a, **k: None
+    master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                       "auto": torch.bfloat16 if device.type == "cuda" else None}[args.dtype]
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -552,36 +338,18 @@ def train(args):
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
 
     B, T = args.batch_size, args.seq_len
-    if args.total_batch_size % (B * T * world_size):
-        raise TrainError(f"--total-batch-size {args.total_batch_size:,} is not a multiple of --batch-size {B} x "
-                         f"--seq-len {T} x world size {world_size} = {B * T * world_size:,}")
-    accum = args.total_batch_size // (B * T * world_size)
-
+    grad_accum_steps = check_batch_layout(args, world_size)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     raw_model = build_model(args, device)
     config = raw_model.config
     train_shards, val_shards = data_sources(args.data)
-    train_loader = DataLoader(train_shards, B, T, rank, world_size, accum, shuffle=True, seed=args.seed,
+    train_loader = DataLoader(train_shards, B, T, rank, world_size, grad_accum_steps, shuffle=True, seed=args.seed,
                               vocab_size=config.vocab_size, device=device)
     val_loader = DataLoader(val_shards, B, T, rank, world_size, 1, shuffle=False, vocab_size=config.vocab_size,
                             device=device)
-    val_steps = min(args.val_tokens, val_loader.num_tokens - 1) // (B * T * world_size)
-    if val_steps == 0:
-        raise TrainError(f"--val-tokens {args.val_tokens:,}: val loss needs at least one batch-size x seq-len x "
-                         f"world-size batch of {B * T * world_size:,} tokens (the val data holds "
-                         f"{val_loader.num_tokens:,})")
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master)
-
-    start_step, ckpt = 0, on_rank0(lambda: find_checkpoint(args))  # rank 0 writes --log-dir: it decides
-    if ckpt:
-        if dist.is_initialized():  # every rank reads the checkpoint rank 0 found
-            seen = torch.tensor(float(os.path.isfile(ckpt)), device=device)
-            dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-            if not seen.item():
-                raise TrainError(f"{ckpt}: rank 0 resumes from it, but not every rank can read it; with several "
-                                 "nodes, --log-dir must be on a filesystem that all of them share")
-        start_step = load_checkpoint(ckpt, raw_model, optimizer, train_loader)
-        say(f"resumed from {ckpt} at step {start_step}")
+    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master_process)
+    start_step = resume(args, raw_model, optimizer, train_loader, device)
 
     # The training step runs the compiled model, wrapped in DDP. Val loss reuses the compiled model
     # (same shapes, so one extra graph for no_grad, no recompilation). Sampling and HellaSwag feed
@@ -591,78 +359,217 @@ def train(args):
     model = compiled
     if world_size > 1:  # DDP averages the gradients across ranks during backward
         model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
-    examples = on_rank0(lambda: load_hellaswag(args))
+    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, config.block_size))
 
-    say(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
-        f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")
-    say(f"data: {args.data}: {len(train_shards)} train shard(s), {train_loader.num_tokens:,} tokens; "
-        f"val loss on {val_steps * B * T * world_size:,} tokens")
-    say(f"batch: {B} x {T} = {B * T:,} tokens per micro-step x {world_size} rank(s) x {accum} accumulation "
-        f"step(s) = {args.total_batch_size:,} tokens per step; {args.max_steps:,} steps = "
-        f"{args.max_steps * args.total_batch_size:,} tokens")
-    say(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
+    print0(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
+           f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")
+    print0(f"data: {args.data}: {len(train_shards)} train shard(s), {train_loader.num_tokens:,} tokens; "
+           f"val loss on {val_steps * B * T * world_size:,} tokens")
+    print0(f"batch: {B} x {T} = {B * T:,} tokens per micro-step x {world_size} rank(s) x {grad_accum_steps} "
+           f"accumulation step(s) = {args.total_batch_size:,} tokens per step; {args.max_steps:,} steps = "
+           f"{args.max_steps * args.total_batch_size:,} tokens")
+    print0(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
 
     log_path = os.path.join(args.log_dir, "log.jsonl")
-    if master:
+    if master_process:
         os.makedirs(args.log_dir, exist_ok=True)
         trim_log(log_path, start_step)
-        for partial in glob.glob(os.path.join(args.log_dir, "ckpt_*.pt.tmp")):  # a save cut short by a kill
+        for partial in glob.glob(os.path.join(glob.escape(args.log_dir), "ckpt_*.pt.tmp")):  # a save cut short
             os.remove(partial)
     dt_avg = None
     for step in range(start_step, args.max_steps + 1):
-        last = step == args.max_steps
-        if last or (args.eval_every and step % args.eval_every == 0):
+        last_step = step == args.max_steps
+        if last_step or (args.eval_every and step % args.eval_every == 0):
             loss = val_loss(compiled, val_loader, val_steps, autocast_dtype)
-            say(f"step {step:5d} | val loss {loss:.4f}")
-            if master:
+            print0(f"step {step:5d} | val loss {loss:.4f}")
+            if master_process:
                 append_log(log_path, step=step, val_loss=loss)
-            if examples:
+            if hellaswag_examples:
                 import hellaswag
 
-                r = hellaswag.evaluate(raw_model, examples, device, rank=rank, world_size=world_size,
-                                       autocast_dtype=autocast_dtype)
-                say(f"step {step:5d} | hellaswag acc_norm {r['acc_norm']:.4f} ({r['correct_norm']}/{r['n']})")
-                if master:
-                    append_log(log_path, step=step, hellaswag=r["acc_norm"])
-        if step > 0 and args.num_samples and (last or (args.sample_every and step % args.sample_every == 0)):
+                result = hellaswag.evaluate(raw_model, hellaswag_examples, device, rank=rank, world_size=world_size,
+                                            autocast_dtype=autocast_dtype)
+                print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
+                       f"({result['correct_norm']}/{result['n']})")
+                if master_process:
+                    append_log(log_path, step=step, hellaswag=result["acc_norm"])
+        if step > 0 and args.num_samples and (last_step or (args.sample_every and step % args.sample_every == 0)):
             print_samples(raw_model, args, device, rank, autocast_dtype)
-        if last:
+        if last_step:
             break
 
         t0 = time.perf_counter()
         lr = get_lr(step, args)
-        loss, norm = train_step(model, optimizer, train_loader, accum, lr, args.grad_clip, autocast_dtype)
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, args.grad_clip, autocast_dtype)
         stop = torch.full((), float(STOP["signal"] is not None), device=device)
         if dist.is_initialized():  # a signal to any one rank stops them all, after the same step
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
         loss, norm, stop = torch.stack([loss.float(), norm.float(), stop]).tolist()  # the step's one sync
         dt = time.perf_counter() - t0
         if not (math.isfinite(loss) and math.isfinite(norm)):  # every rank sees the same numbers
-            if master:
-                print(f"error: step {step}: loss {loss}, gradient norm {norm}. Stopping without writing a "
-                      "checkpoint, so the last good one stays the newest; try a lower --lr", file=sys.stderr)
+            print0(f"error: step {step}: loss {loss}, gradient norm {norm}. Stopping without writing a "
+                   "checkpoint, so the last good one stays the newest; try a lower --lr", file=sys.stderr)
             return 1
         dt_avg = dt if dt_avg is None or step == start_step + 1 else 0.9 * dt_avg + 0.1 * dt  # skip compile
         tok_per_s = args.total_batch_size / dt
         mfu = None if device.type != "cuda" else raw_model.estimate_mfu(tok_per_s / world_size, T,
                                                                         args.peak_tflops * 1e12)
         eta = datetime.timedelta(seconds=round((args.max_steps - step - 1) * dt_avg))
-        say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-            f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
-            f" | ETA {eta}")
-        if master:
+        print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
+               f" | ETA {eta}")
+        if master_process:
             append_log(log_path, step=step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
                        tok_per_s=tok_per_s, mfu=mfu)
         done = step + 1
         if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            path = save_checkpoint(args, done, raw_model, optimizer, train_loader) if master else None
+            path = save_checkpoint(args, done, raw_model, optimizer, train_loader) if master_process else None
             if dist.is_initialized():
                 dist.barrier()  # nobody exits before the checkpoint is on disk
-            say(f"checkpoint: {path}")
+            print0(f"checkpoint: {path}")
         if stop:
-            say(f"stopped by a signal after step {step}; continue with --resume auto")
+            print0(f"stopped by a signal after step {step}; continue with --resume auto")
             return 0
     return 0
+
+
+# ---------------------------------------------------------------- command line
+
+
+PRESETS = {  # named sets of defaults; flags given on the command line still win
+    # a first run on any machine: a 4-layer model learns Tiny Shakespeare in a few minutes on 2 CPU cores
+    "shakespeare": dict(data="input.txt", n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=8,
+                        total_batch_size=1024, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
+                        sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1, sample_tokens=64,
+                        sample_prompt="ROMEO:", checkpoint_every=0, log_dir="log/shakespeare"),
+}
+
+
+def check_batch_layout(args, world_size):
+    """grad_accum_steps: how many micro-batches of B x T each of world_size ranks runs per step."""
+    per_micro_step = args.batch_size * args.seq_len * world_size
+    if args.total_batch_size % per_micro_step:
+        raise TrainError(f"--total-batch-size {args.total_batch_size:,} is not a multiple of --batch-size "
+                         f"{args.batch_size} x --seq-len {args.seq_len} x world size {world_size} = {per_micro_step:,}")
+    return args.total_batch_size // per_micro_step
+
+
+def check_val_steps(args, world_size, val_tokens_available):
+    """Val batches per eval: --val-tokens (at most what the val data holds) in whole B x T x world batches."""
+    per_batch = args.batch_size * args.seq_len * world_size
+    steps = min(args.val_tokens, val_tokens_available - 1) // per_batch
+    if steps == 0:
+        raise TrainError(f"--val-tokens {args.val_tokens:,}: val loss needs at least one batch-size x seq-len x "
+                         f"world-size batch of {per_batch:,} tokens (the val data holds {val_tokens_available:,})")
+    return steps
+
+
+def integer(min_value):
+    def parse(text):
+        if not text.lstrip("-").isdigit() or int(text) < min_value:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {min_value}, got {text!r}")
+        return int(text)
+    return parse
+
+
+def number(low, high=math.inf, low_open=False):
+    """A finite float in [low, high] (or (low, high] with low_open): inf and nan never get through."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if low_open else value >= low) and value <= high):
+            raise argparse.ArgumentTypeError(f"expected a finite number {'>' if low_open else '>='} {low}"
+                                             f"{f' and <= {high}' if high < math.inf else ''}, got {text!r}")
+        return value
+    return parse
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of defaults (flags you give "
+                   "still win): shakespeare = a 4-layer model on Tiny Shakespeare, minutes on a CPU")
+    p.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy shards (*_train_*, *_val_*) "
+                   "from fineweb.py, or a .txt file tokenized at start (first 90%% train, last 10%% val)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="gpt2", choices=list(OPENAI_SIZES), help="shape: one of OpenAI's (gpt2 = 124M)")
+    g.add_argument("--n-layer", type=integer(1), help="override the number of layers of --model")
+    g.add_argument("--n-head", type=integer(1), help="override the number of attention heads of --model")
+    g.add_argument("--n-embd", type=integer(1), help="override the embedding width of --model")
+    g.add_argument("--padded-vocab-size", type=integer(0), default=50304, help="embedding rows; 50304 (a multiple "
+                   "of 128) is faster than the real 50257; 0 = no padding")
+    g.add_argument("--init-from", help="fine-tune: start from an OpenAI size (gpt2, ...), a Hugging Face directory "
+                   "or a checkpoint file instead of random weights (the shape flags are then ignored)")
+
+    g = p.add_argument_group("batch")
+    g.add_argument("--batch-size", type=integer(1), default=64, help="micro-batch: sequences per rank per forward "
+                   "pass (if memory runs out, lower it: the accumulation grows, the total batch stays)")
+    g.add_argument("--seq-len", type=integer(1), default=1024, help="tokens per sequence (and a new model's block size)")
+    g.add_argument("--total-batch-size", type=integer(1), default=524288, help="tokens per optimizer step, all ranks "
+                   "and micro-steps together: a multiple of batch-size x seq-len x world size")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--max-steps", type=integer(1), default=19073, help="optimizer steps (19,073 x 524,288 = 10B tokens)")
+    g.add_argument("--warmup-steps", type=integer(0), default=715, help="steps of linear learning-rate warmup")
+    g.add_argument("--lr", type=number(0, low_open=True), default=6e-4, help="peak learning rate")
+    g.add_argument("--min-lr-ratio", type=number(0, 1), default=0.1, help="the cosine ends at --lr times this")
+    g.add_argument("--weight-decay", type=number(0), default=0.1, help="AdamW weight decay of matrices only")
+    g.add_argument("--grad-clip", type=number(0), default=1.0, help="clip the global gradient norm to this; 0 = off")
+    g.add_argument("--seed", type=integer(0), default=1337, help="seeds the initial weights, the data order, sampling")
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=integer(0), default=250, help="val loss and HellaSwag every N steps and at "
+                   "the end (0: at the end only)")
+    g.add_argument("--val-tokens", type=integer(1), default=20 * 524288, help="tokens per val loss: always the first "
+                   "ones of the val data, rounded down to whole batch-size x seq-len x world-size batches")
+    g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True, help="HellaSwag acc_norm at "
+                   "each eval (downloaded once into hellaswag/; skipped with one line if unavailable)")
+    g.add_argument("--hellaswag-file", help="a local HellaSwag .jsonl to evaluate instead of the downloaded val split")
+    g.add_argument("--sample-every", type=integer(0), default=250, help="print samples every N steps and at the end "
+                   "(0: at the end only)")
+    g.add_argument("--num-samples", type=integer(0), default=4, help="samples per rank each time")
+    g.add_argument("--sample-tokens", type=integer(1), default=32, help="new tokens per sample")
+    g.add_argument("--sample-prompt", default="Hello, I'm a language model,", help="the prompt the samples continue")
+
+    g = p.add_argument_group("checkpoints and log")
+    g.add_argument("--log-dir", default="log", help="where log.jsonl and the checkpoints ckpt_NNNNNN.pt go")
+    g.add_argument("--checkpoint-every", type=integer(0), default=5000, help="checkpoint every N steps, and always "
+                   "at the end and on SIGTERM/SIGINT")
+    g.add_argument("--keep-checkpoints", type=integer(1), default=3, help="keep only the newest K checkpoints")
+    g.add_argument("--resume", help="'auto': from the newest checkpoint in --log-dir (if any); or a checkpoint file")
+
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun "
+                   "each rank takes cuda:LOCAL_RANK")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype: auto = "
+                   "bfloat16 on CUDA, else float32 (weights and optimizer state are float32 always)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model "
+                   "for training (default: on with CUDA; elsewhere off: it needs a C++ compiler and starts slowly)")
+    g.add_argument("--peak-tflops", type=number(0, low_open=True), default=H100_BF16_PEAK_FLOPS / 1e12,
+                   help="one device's dense bf16 peak, for MFU (H100/H200 SXM: 989, A100: 312)")
+    args = p.parse_args(argv)
+    if args.preset:  # parse again with the preset as defaults, so that explicit flags still win
+        p.set_defaults(**PRESETS[args.preset])
+        args = p.parse_args(argv)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    STOP["signal"] = None
+    handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return train(args)
+    except (TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,3 +33,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def write_shards(directory, sizes, seed=0, doc_len=40):
+    """edufineweb-style shards: shard 0 is val, the rest train. Every non-EOT token id is unique
+    (0, 1, 2, ...), so a token seen twice or never is easy to spot. Documents start with
+    EOT, except that train shard 2 starts mid-document, as a fineweb.py shard may."""
+    from model import EOT
+
+    rng = np.random.default_rng(seed)
+    os.makedirs(directory, exist_ok=True)
+    next_id = 0
+    for i, size in enumerate(sizes):
+        tokens = np.arange(next_id, next_id + size, dtype=np.int64)
+        starts = rng.choice(np.arange(1, size), size // doc_len, replace=False)
+        tokens[starts] = EOT
+        if i != 2:
+            tokens[0] = EOT
+        next_id += size
+        assert next_id < EOT
+        name = f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy"
+        np.save(os.path.join(directory, name), tokens.astype(np.uint16))
+    return directory

@@ -12,39 +12,19 @@ import signal
 import subprocess
 import sys
 import time
-import tracemalloc
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT, SHAKESPEARE
-from model import EOT, GPT, GPTConfig
+import dataloader
+from conftest import ROOT, SHAKESPEARE, write_shards
+from model import GPT, GPTConfig
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2",
         "--total-batch-size", "64", "--no-hellaswag", "--num-samples", "0", "--eval-every", "0",
         "--val-tokens", "64", "--seed", "7"]
-
-
-def write_shards(directory, sizes, seed=0, doc_len=40):
-    """edufineweb-style shards: shard 0 is val, the rest train. Every non-EOT token id is unique
-    (0, 1, 2, ...), so a token seen twice or never is easy to spot. Documents start with
-    EOT, except that train shard 2 starts mid-document, as a fineweb.py shard may."""
-    rng = np.random.default_rng(seed)
-    os.makedirs(directory, exist_ok=True)
-    next_id = 0
-    for i, size in enumerate(sizes):
-        tokens = np.arange(next_id, next_id + size, dtype=np.int64)
-        starts = rng.choice(np.arange(1, size), size // doc_len, replace=False)
-        tokens[starts] = EOT
-        if i != 2:
-            tokens[0] = EOT
-        next_id += size
-        assert next_id < EOT
-        name = f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy"
-        np.save(os.path.join(directory, name), tokens.astype(np.uint16))
-    return directory
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -128,111 +108,6 @@ def test_weight_decay_groups_of_the_trained_optimizer(shards, tmp_path):
     assert sorted(shape[i] for i in decay["params"]) == sorted(tuple(named[n].shape) for n in matrices)
     others = [n for n in named if n not in matrices]  # biases and LayerNorm weights: no decay
     assert sorted(shape[i] for i in no_decay["params"]) == sorted(tuple(named[n].shape) for n in others)
-
-
-# ---------------------------------------------------------------- data loader
-
-
-def consume(loader, steps):
-    """The input stream a loader produced over `steps` optimizer steps, checking targets on the way."""
-    xs = []
-    for _ in range(steps * loader.accum):
-        x, y = loader.next_batch()
-        assert x.dtype == torch.int64 and x.shape == (loader.B, loader.T)
-        assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
-        xs.append((x, y))
-    if not xs:
-        return np.zeros(0, dtype=np.int64)
-    stream = torch.cat([x.flatten() for x, _ in xs]).numpy()
-    last_targets = np.array([y.flatten()[-1].item() for _, y in xs])
-    ends = np.cumsum([x.numel() for x, _ in xs])
-    assert np.array_equal(stream[ends[:-1]], last_targets[:-1])  # each batch's last target opens the next
-    return stream
-
-
-def test_loader_covers_every_token_once_per_epoch_in_a_new_order(shards):
-    train, _ = tg.data_sources(shards)
-    data = [np.load(f) for f in train]
-    n = sum(len(d) for d in data)  # 900 tokens; 2 x 8 x 2 accumulation = 32 tokens per step
-    loader = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=5)
-    stream = consume(loader, steps=3 * n // 32 + 1)
-    everything = np.sort(np.concatenate(data))
-    epochs = [stream[e * n:(e + 1) * n] for e in range(3)]
-    for epoch in epochs:
-        assert np.array_equal(np.sort(epoch), everything)  # each token exactly once: none skipped or repeated
-        where = {int(t): i for i, t in enumerate(epoch) if t != EOT}
-        for d in data:  # documents stay whole: consecutive tokens of a document stay consecutive
-            doc_starts = set(np.flatnonzero(d == EOT))
-            for j in range(1, len(d)):
-                if j not in doc_starts and d[j - 1] != EOT:
-                    assert where[int(d[j])] == where[int(d[j - 1])] + 1
-                elif d[j - 1] == EOT and j not in doc_starts:  # and a document's EOT still precedes it
-                    assert epoch[where[int(d[j])] - 1] == EOT
-    # shuffled, and differently each epoch: the order of the shards, and of each shard's documents
-    wheres = [{int(t): i for i, t in enumerate(epoch) if t != EOT} for epoch in epochs]
-    shard_order = [np.argsort([where[int(d[d != EOT][0])] for d in data]).tolist() for where in wheres]
-    assert shard_order[0] != shard_order[1] or shard_order[1] != shard_order[2]
-    for d in data:
-        # the token after each EOT identifies its document (documents with no other token aside)
-        firsts = [int(d[j + 1]) for j in np.flatnonzero(d[:-1] == EOT) if d[j + 1] != EOT]
-        doc_order = [np.argsort([where[t] for t in firsts]).tolist() for where in wheres]
-        identity = list(range(len(firsts)))
-        assert doc_order[0] != identity and doc_order[0] != doc_order[1] and doc_order[1] != doc_order[2]
-    again = consume(tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=5), steps=10)
-    assert np.array_equal(again, stream[: len(again)])  # the order is a function of the seed
-
-
-def test_a_step_sees_the_same_tokens_whatever_the_world_size(shards):
-    train, _ = tg.data_sources(shards)
-    single = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=3)
-    ranks = [tg.DataLoader(train, B=2, T=8, rank=r, world_size=2, seed=3) for r in range(2)]
-    for _ in range(40):  # > 2 epochs
-        one = [single.next_batch() for _ in range(2)]
-        two = [rank.next_batch() for rank in ranks]
-        for (x1, y1), (x2, y2) in zip(one, two):
-            assert torch.equal(x1, x2) and torch.equal(y1, y2)
-
-
-def test_loader_state_resumes_the_exact_stream(shards):
-    train, val = tg.data_sources(shards)
-    reference = consume(tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=1), steps=70)
-    for k in (0, 9, 28, 31, 57):  # positions inside shards, at shard ends and past epoch ends
-        loader = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=1)
-        consume(loader, steps=k)
-        state = json.loads(json.dumps(loader.state_dict()))  # plain ints only
-        resumed = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=1)
-        resumed.load_state_dict(state)
-        assert np.array_equal(consume(resumed, steps=70 - k), reference[k * 32:])
-    val_loader = tg.DataLoader(val, B=2, T=8, shuffle=False)
-    first = consume(val_loader, steps=5)
-    assert np.array_equal(first, np.load(val[0])[:80])  # val: the file's first tokens, in order
-    val_loader.reset()
-    assert np.array_equal(consume(val_loader, steps=5), first)  # the same tokens at every eval
-
-
-def test_loader_memory_stays_flat_across_shards(tmp_path):
-    shard_len = 200_000
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        tokens = rng.integers(0, EOT, shard_len).astype(np.uint16)
-        tokens[::1000] = EOT  # 1000-token documents
-        np.save(tmp_path / f"edufineweb_train_{i + 1:06d}.npy", tokens)
-    files = sorted(str(p) for p in tmp_path.glob("*.npy"))
-    B, T = 4, 256
-    tracemalloc.start()
-    loader = tg.DataLoader(files, B=B, T=T, seed=0)
-    per_shard = []
-    for shard in range(9):  # two full epochs and a bit
-        tracemalloc.reset_peak()
-        for _ in range(shard_len // (B * T) + 1):
-            loader.next_batch()
-        per_shard.append(tracemalloc.get_traced_memory())
-    tracemalloc.stop()
-    shard_bytes = 2 * shard_len  # one uint16 copy of a shard
-    for current, peak in per_shard:
-        assert current < 1.3 * shard_bytes  # holds about one shard, never more
-        assert peak < 2.5 * shard_bytes  # while switching shards; an int64 copy alone would be 4x
-    assert per_shard[-1][0] < per_shard[1][0] + 0.1 * shard_bytes  # no growth over time
 
 
 # ---------------------------------------------------------------- training runs
@@ -382,7 +257,7 @@ def test_shakespeare_preset_end_to_end(tmp_path, monkeypatch, capsys):
     # a first run, as a new user types it: input.txt is not there, so it is downloaded (here from a
     # file:// URL: the same code path, offline), then a small model trains on it (fewer steps here)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tg, "SHAKESPEARE_URL", pathlib.Path(SHAKESPEARE).as_uri())
+    monkeypatch.setattr(dataloader, "SHAKESPEARE_URL", pathlib.Path(SHAKESPEARE).as_uri())
     code, out, _ = run(["--preset", "shakespeare", "--max-steps", "8", "--eval-every", "8", "--val-tokens", "2048"],
                        capsys)
     assert code == 0
@@ -396,7 +271,7 @@ def test_shakespeare_preset_end_to_end(tmp_path, monkeypatch, capsys):
 
 def test_shakespeare_offline_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(tg, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
+    monkeypatch.setattr(dataloader, "SHAKESPEARE_URL", (tmp_path / "unreachable.txt").as_uri())
     expect_error(["--preset", "shakespeare"], capsys, "--data input.txt does not exist", "downloading it failed",
                  "by hand")
     assert os.listdir(tmp_path) == []  # nothing half-written
@@ -444,16 +319,6 @@ def test_too_little_data_in_all_shards_together(tmp_path, capsys):
     data = write_shards(str(tmp_path / "data"), [300, 20, 12])  # 32 train tokens; one 2 x 16 slice needs 33
     expect_error([*TINY, "--data", data, "--log-dir", str(tmp_path)], capsys, "edufineweb_train_000001.npy and "
                  "1 more shard(s): 32 tokens, fewer than one batch-size x seq-len x world-size slice + 1 = 33")
-
-
-def test_a_shard_shorter_than_a_batch_is_read_like_any_other(tmp_path):
-    """fineweb.py's last shard can be any length: batches simply run on into the next shard."""
-    train, _ = tg.data_sources(write_shards(str(tmp_path / "data"), [300, 300, 20, 350]))
-    n = sum(len(np.load(f)) for f in train)  # 670
-    loader = tg.DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=5)
-    stream = consume(loader, steps=2 * n // 32 + 1)
-    for epoch in (stream[:n], stream[n:2 * n]):
-        assert np.array_equal(np.sort(epoch), np.sort(np.concatenate([np.load(f) for f in train])))
 
 
 def test_val_tokens_below_one_batch_is_an_error_not_nan(shards, tmp_path, capsys):
