@@ -17,19 +17,18 @@ and for bench_hellaswag.py, which times the two against each other.
 """
 import argparse
 import functools
-import http.client
 import json
 import math
 import os
 import sys
-import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import utils
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hellaswag")
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
@@ -47,28 +46,14 @@ class HellaSwagUnavailable(RuntimeError):
 def download_split(split, cache_dir=DEFAULT_CACHE_DIR):
     """Path of hellaswag_{split}.jsonl in cache_dir, downloading it first if it is not there."""
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
-    if os.path.isfile(path):
-        return path
-    url = DATA_URL.format(split=split)
-    os.makedirs(cache_dir, exist_ok=True)
-    # a unique temporary name: ranks that download at once never write into each other's file
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".hellaswag_{split}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            if size is not None and bar.n != size:  # a dropped connection ends read() early, silently
-                raise OSError(f"the connection closed after {bar.n:,} of {size:,} bytes")
-        os.replace(tmp, path)  # never a half-written file under the real name
-    except (OSError, http.client.HTTPException) as e:  # urllib's URLError is an OSError
-        raise HellaSwagUnavailable(f"could not download {url} ({e}); with no internet, copy the file to "
-                                   f"{path} or pass a local file with --data-file") from e
-    finally:
-        if os.path.exists(tmp):  # whatever stopped the download (Ctrl-C too), leave no .part file
-            os.unlink(tmp)
+    if not os.path.isfile(path):
+        url = DATA_URL.format(split=split)
+        try:  # a cut connection or Ctrl-C leaves nothing under path (utils.download), so a retry starts afresh
+            utils.download(url, path)
+        except OSError as e:  # no network, HTTP errors, a download cut short
+            reason = str(e).removeprefix(f"{url}: ")  # utils.download's own errors start with the url
+            raise HellaSwagUnavailable(f"could not download {url} ({reason}); with no internet, copy the file "
+                                       f"to {path} or pass a local file with --data-file") from e
     return path
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import random
+import re
 
 import pytest
 import tiktoken
@@ -15,6 +16,7 @@ import torch.multiprocessing as mp
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import hellaswag
+import utils
 from hellaswag import (HellaSwagUnavailable, encode_example, evaluate, load_examples, render_example,
                        score_examples, score_naive)
 from model import GPT
@@ -327,7 +329,9 @@ def short_server():
 def test_truncated_download_is_not_cached(tmp_path, monkeypatch, short_server):
     monkeypatch.setenv("no_proxy", "127.0.0.1")  # the local server, never through a proxy
     monkeypatch.setattr(hellaswag, "DATA_URL", short_server + "/hellaswag_{split}.jsonl")
-    with pytest.raises(HellaSwagUnavailable, match="closed after 100 of 1,000 bytes"):
+    url = short_server + "/hellaswag_val.jsonl"
+    message = f"could not download {url} (the connection closed after 100 of 1,000 bytes); with no internet, copy"
+    with pytest.raises(HellaSwagUnavailable, match=re.escape(message)):
         load_examples("val", cache_dir=str(tmp_path / "cache"))
     assert os.listdir(tmp_path / "cache") == []  # neither the short file nor a .part file
 
@@ -336,8 +340,10 @@ def test_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
     source = tmp_path / "hellaswag_val.jsonl"
     write_jsonl(source, make_examples(3))
     monkeypatch.setattr(hellaswag, "DATA_URL", f"file://{tmp_path}/hellaswag_{{split}}.jsonl")
+    cache = tmp_path / "cache"
+    seen = []
 
-    class CtrlC:  # tqdm's progress bar is updated after each chunk: interrupt there
+    class CtrlC:  # utils.download's progress bar is updated after each chunk: interrupt there
         def __init__(self, *args, **kwargs):
             pass
 
@@ -348,11 +354,13 @@ def test_interrupted_download_leaves_no_part_file(tmp_path, monkeypatch):
             return False
 
         def update(self, n):
+            seen.extend(os.listdir(cache))  # the chunk is written: the temporary file exists now
             raise KeyboardInterrupt
-    monkeypatch.setattr(hellaswag, "tqdm", CtrlC)
+    monkeypatch.setattr(utils, "tqdm", CtrlC)
     with pytest.raises(KeyboardInterrupt):
-        load_examples("val", cache_dir=str(tmp_path / "cache"))
-    assert os.listdir(tmp_path / "cache") == []
+        load_examples("val", cache_dir=str(cache))
+    assert len(seen) == 1 and seen[0].startswith(".hellaswag_val.jsonl.") and seen[0].endswith(".part")
+    assert os.listdir(cache) == []  # and it is gone
 
 
 def test_a_rank_without_examples_reports_nan_not_a_crash(ours, examples):
