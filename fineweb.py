@@ -10,14 +10,18 @@ shard, the stream position (document index, token offset into that document) whe
 ends; a re-run checks the settings, skips the finished shards' documents and continues mid-document.
 The manifest is written before the first shard, so a shard file it does not list is a leftover of a
 killed run (overwritten by the re-run); shards in a directory with no manifest are refused.
+Ctrl-C or SIGTERM stops a run cleanly (exit 130 or 143); the tokenizer processes never outlive the
+main process, even when it is killed outright (Linux).
 
     python fineweb.py                                  # sample-10BT -> edu_fineweb10B/ (~100 shards)
     python fineweb.py --data-files 'corpus/*.jsonl' --out shards/ --shard-size 1000000
     python fineweb.py --data-files big.jsonl --benchmark   # tokens/s with 1 worker vs --workers
 """
 import argparse
+import ctypes
 import glob
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -50,15 +54,42 @@ class WorkerDied(Exception):
     """A tokenizer process was killed (out of memory?): main() says so and exits 1."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`, a job scheduler, a shutdown): main() stops exactly as on Ctrl-C, exit 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 # ---- tokenization (runs in the pool workers) ----------------------------------------------------
 _enc = _ds = _what = None
 
 
-def _init_worker(ds=None, what=None):
+def _init_worker(parent, ds=None, what=None):
     global _enc, _ds, _what
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool, quietly
+    # SIGTERM kills a worker, as by default (the pool itself stops a broken pool's workers with it), not
+    # main()'s handler, inherited through fork, which would print a traceback in each worker
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    pause_point("fineweb.worker_start")  # tests kill the main process here, before the next line
+    die_with_parent(parent)
     _enc = tiktoken.get_encoding(TOKENIZER)  # once per worker, not once per document
     _ds, _what = ds, what  # a map-style dataset is memory-mapped Arrow: each worker reads its own rows
+
+
+def die_with_parent(parent):
+    """Have the kernel SIGKILL this worker when its parent process dies. Otherwise a worker whose main
+    process was killed (SIGKILL, the out-of-memory killer) lives on, reparented, waiting forever for
+    tasks: its own copy of the task queue's pipe keeps the queue open. Linux only; elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # the parent died before the prctl, so no signal will come: go now
+        os._exit(1)
 
 
 def tokenize_rows(rows):
@@ -291,7 +322,11 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
     else:  # streaming: the main process reads, and sends the texts
         work, tasks, shared = tokenize, batches(ds, what, skip=doc), None
     load_tokenizer()  # loaded (~0.3 s) once here: forked workers inherit tiktoken's cache
-    with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(shared, what)) as pool:
+    # fork (Linux's default before Python 3.14) on Linux: the workers start at once with the tokenizer
+    # loaded, and are children of this process, which die_with_parent checks
+    context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(os.getpid(), shared, what)) as pool:
         for tokens, lengths in in_order(pool, work, tasks, ahead=4 * workers):
             ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
             pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
@@ -389,6 +424,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.perf_counter()
+    previous = signal.signal(signal.SIGTERM, _terminate)  # restored below: tests call main() in-process
     try:
         settings = settings_of(args)
         load_tokenizer()  # offline with no cache: fail now, not after the download
@@ -408,10 +444,12 @@ def main(argv=None):
         print(f"fineweb.py: error: {e}; finished shards are kept, re-run the same command to resume",
               file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM; exit 128 + the signal's number, as a shell reports it
         print("\nfineweb.py: interrupted; finished shards are kept, re-run the same command to resume",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     shards, seconds = manifest["shards"], time.perf_counter() - t0
     tokens, new = sum(s["tokens"] for s in shards), sum(s["tokens"] for s in shards[len(done):])
     documents = manifest["documents"] or shards[-1]["end"][0]

@@ -211,10 +211,33 @@ def start_paused(tmp_path):
         return proc, flag
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
+    for proc in started:  # the whole group: a test that failed may have left orphaned workers too
+        try:
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        except ProcessLookupError:  # nothing left in it
+            pass
+        proc.wait()
+
+
+def process_stat(pid):
+    """(state, parent pid, start time) of a process, from /proc/PID/stat; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # after "PID (name)": the name may hold spaces
+    except OSError:
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def children(pid):
+    """{pid: start time} of the processes whose parent is pid (the start time tells a reused pid apart)."""
+    stats = {int(p): process_stat(p) for p in os.listdir("/proc") if p.isdigit()}
+    return {p: s[2] for p, s in stats.items() if s is not None and s[1] == pid}
+
+
+def alive(pid, start_time):
+    stat = process_stat(pid)  # a zombie ("Z") has exited already: only its exit status waits to be read
+    return stat is not None and stat[0] != "Z" and stat[2] == start_time
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
@@ -245,6 +268,58 @@ def test_killed_run_resumes_to_identical_shards(tmp_path, start_paused, sig):
     run("--data-files", data, "--out", tmp_path / "ref", "--shard-size", 2000)
     assert read_bytes(out) == read_bytes(tmp_path / "ref")
     np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(docs))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_die_with_a_killed_main_process(tmp_path, start_paused):
+    """SIGKILL to the main process alone (what the out-of-memory killer does): its tokenizer workers
+    must not live on, reparented, each holding its memory. 30 s is no race: they must get there."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    proc, flag = start_paused("fineweb.after_shard", "--data-files", data, "--out", tmp_path / "out",
+                              "--shard-size", 1000)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)
+    wait_until(lambda: not any(alive(pid, t) for pid, t in workers.items()), "the workers to exit", timeout=30)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_whose_parent_died_before_it_was_set_up_exits(tmp_path, start_paused):
+    """The main process killed while a worker starts, before the worker asks for the parent-death
+    signal, which then never comes: the worker must notice its parent is gone and exit."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    proc, flag = start_paused("fineweb.worker_start", "--data-files", data, "--out", tmp_path / "out",
+                              "--shard-size", 1000, workers=1)
+    workers = children(proc.pid)
+    assert len(workers) == 1
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=120)  # once it is reaped, the worker has a new parent
+    flag.unlink()
+    wait_until(lambda: not any(alive(pid, t) for pid, t in workers.items()), "the worker to exit", timeout=30)
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["kill PID", "kill the group"])
+def test_sigterm_stops_the_run_as_ctrl_c_does(tmp_path, start_paused, group):
+    """SIGTERM (`kill PID`, a job scheduler, a shutdown) to the main process or to its whole process
+    group: Ctrl-C's message, exit 143 (128 + SIGTERM's 15), the workers gone, no .tmp, and the same
+    command again finishes the shards exactly."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    proc, flag = start_paused("fineweb.after_shard", "--data-files", data, "--out", out, "--shard-size", 1000)
+    workers = children(proc.pid)
+    (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+    flag.unlink()
+    proc.wait(timeout=120)
+    err = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == 143, err[-2000:]
+    assert "fineweb.py: interrupted; finished shards are kept, re-run the same command to resume" in err
+    assert "Traceback" not in err and not glob.glob(str(out / "*.tmp"))
+    assert not any(alive(pid, t) for pid, t in workers.items())  # the pool was shut down, not abandoned
+    assert len(json.load(open(out / "manifest.json"))["shards"]) == 1
+
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(DOCS))
 
 
 def test_killed_between_a_shard_and_its_manifest_entry_resumes(tmp_path, start_paused):
