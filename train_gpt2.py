@@ -358,7 +358,9 @@ def train(args):
     compiled = torch.compile(raw_model) if use_compile else raw_model
     model = compiled
     if world_size > 1:  # DDP averages the gradients across ranks during backward
-        model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: .grad tensors are views into DDP's all-reduce buckets (one copy less)
+        model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     hellaswag_examples = on_rank0(lambda: load_hellaswag(args, config.block_size))
 
     print0(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
