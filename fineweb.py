@@ -163,9 +163,7 @@ def load_documents(settings, streaming):
     """The dataset, reduced to its `text` column (other columns are never decoded)."""
     import datasets  # only this script needs `datasets`; the GPU machine may not have it
 
-    files = [f for f, _, _ in settings["data_files"] or []]
-    more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
-    what = f"--data-files {files[0]}{more}" if files else f"{settings['dataset']} ({settings['name']})"
+    files, what = [f for f, _, _ in settings["data_files"] or []], source(settings)
     try:
         if files:
             builder = FORMATS[os.path.splitext(files[0])[1].lower()]
@@ -177,6 +175,8 @@ def load_documents(settings, streaming):
             ds = datasets.load_dataset(settings["dataset"], name=settings["name"], split=settings["split"],
                                        streaming=streaming)
     except Exception as e:  # datasets raises many types (DatasetGenerationError, ArrowInvalid, OSError ...)
+        if isinstance(e, UnicodeDecodeError) or isinstance(e.__cause__ or e.__context__, UnicodeDecodeError):
+            raise not_utf8(settings) from e  # a .txt file is decoded here; other formats when read
         raise DataError(f"could not read {what}: {describe(e)}") from e
     columns = ds.column_names  # None for some streaming datasets: then batches() checks the rows
     if columns is not None and "text" not in columns:
@@ -184,6 +184,29 @@ def load_documents(settings, streaming):
     if not streaming and len(ds) == 0:
         raise DataError(f"{what} is empty: no documents to tokenize")
     return (ds.select_columns(["text"]) if columns is not None else ds), what
+
+
+def source(settings):
+    """The data, in words, for messages."""
+    files = [f for f, _, _ in settings["data_files"] or []]
+    more = f" (+{len(files) - 1} more)" if len(files) > 1 else ""
+    return f"--data-files {files[0]}{more}" if files else f"{settings['dataset']} ({settings['name']})"
+
+
+def not_utf8(settings):
+    """The error for a text that is not valid UTF-8. `datasets` only finds out when it decodes a row
+    (in a worker, or in the main process), and does not say where: the local text files are read again
+    now, up to the first line that does not decode, to name it."""
+    files = [f for f, _, _ in settings["data_files"] or [] if FORMATS[os.path.splitext(f)[1].lower()] != "parquet"]
+    for path in files:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return DataError(f"--data-files {path}, line {number}: not valid UTF-8 ({e.reason} at byte "
+                                     f"{e.start + 1} of the line): re-encode the file as UTF-8, or remove that line")
+    return DataError(f"{source(settings)}: a document's text is not valid UTF-8: re-encode it as UTF-8")
 
 
 def check_texts(texts, what):
@@ -219,7 +242,7 @@ def batches(ds, what, skip):
                     task, chars = [], 0
         if task:
             yield task
-    except DataError:
+    except (DataError, UnicodeDecodeError):  # write_shards names the line that is not UTF-8
         raise
     except Exception as e:  # a file that fails part-way through a streaming read
         raise DataError(f"could not read {what}: {describe(e)}") from e
@@ -325,27 +348,30 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
     # fork (Linux's default before Python 3.14) on Linux: the workers start at once with the tokenizer
     # loaded, and are children of this process, which die_with_parent checks
     context = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                             initargs=(os.getpid(), shared, what)) as pool:
-        for tokens, lengths in in_order(pool, work, tasks, ahead=4 * workers):
-            ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
-            pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
-            while pos < len(tokens):  # the batch may fill the current shard, or several
-                if bar is None:
-                    bar = tqdm(total=size, unit="tok", unit_scale=True, desc=shard_name(len(shards)),
-                               disable=not progress)
-                n = min(len(tokens) - pos, size - fill)
-                buf[fill:fill + n] = tokens[pos:pos + n]
-                fill, pos = fill + n, pos + n
-                bar.update(n)
-                if fill == size:  # the next token is document doc + i, at `pos - ends[i - 1]` into it
-                    i = int(np.searchsorted(ends, pos, side="right"))
-                    end = (doc + i, pos - int(ends[i - 1]) if i else pos)
-                    flush(end)
-                    if max_shards is not None and len(shards) >= max_shards:
-                        return manifest  # leaving `with` terminates the pool
-                    start, fill, bar = end, 0, None
-            doc += len(lengths)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(os.getpid(), shared, what)) as pool:
+            for tokens, lengths in in_order(pool, work, tasks, ahead=4 * workers):
+                ends = np.cumsum(lengths)  # where each document of the batch ends, within `tokens`
+                pos, offset = offset, 0  # only the first batch of a resumed run starts mid-document
+                while pos < len(tokens):  # the batch may fill the current shard, or several
+                    if bar is None:
+                        bar = tqdm(total=size, unit="tok", unit_scale=True, desc=shard_name(len(shards)),
+                                   disable=not progress)
+                    n = min(len(tokens) - pos, size - fill)
+                    buf[fill:fill + n] = tokens[pos:pos + n]
+                    fill, pos = fill + n, pos + n
+                    bar.update(n)
+                    if fill == size:  # the next token is document doc + i, at `pos - ends[i - 1]` into it
+                        i = int(np.searchsorted(ends, pos, side="right"))
+                        end = (doc + i, pos - int(ends[i - 1]) if i else pos)
+                        flush(end)
+                        if max_shards is not None and len(shards) >= max_shards:
+                            return manifest  # leaving `with` terminates the pool
+                        start, fill, bar = end, 0, None
+                doc += len(lengths)
+    except UnicodeDecodeError as e:  # from `datasets`, decoding a row here or in a worker
+        raise not_utf8(settings) from e
     if doc == 0:
         raise DataError(f"{what} is empty: no documents to tokenize")
     if fill:

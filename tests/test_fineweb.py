@@ -385,6 +385,38 @@ def test_unreadable_file(tmp_path, capsys, name, content, message, streaming):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("bad_line", [4, 1500], ids=["early", "late"])  # late: past the rows the main process
+@pytest.mark.parametrize("streaming", [False, True])                       # samples, so a worker decodes it
+def test_text_that_is_not_utf8(tmp_path, capsys, streaming, bad_line):
+    """Latin-1 bytes in a .jsonl: an error naming the file and the line, exit 2, not a traceback."""
+    good = write_jsonl(tmp_path / "a.jsonl", DOCS[:50])
+    lines = [json.dumps({"text": f"document {i}"}).encode() for i in range(2000)]
+    lines[bad_line - 1] = '{"text": "café, in Latin-1"}'.encode("latin-1")
+    bad = tmp_path / "b.jsonl"
+    bad.write_bytes(b"\n".join(lines) + b"\n")
+    err = fails(capsys, "--data-files", good, bad, "--out", tmp_path / "out", "--shard-size", 1000,
+                *(["--streaming"] * streaming))
+    assert f"--data-files {bad}, line {bad_line}: not valid UTF-8" in err
+    for f in shard_files(tmp_path / "out"):  # whatever was finished before is intact
+        np.load(f)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_parquet_text_that_is_not_utf8(tmp_path, capsys, streaming):
+    """Parquet has no lines to name: the message names the file."""
+    texts = pa.array([b"fine", "café, in Latin-1".encode("latin-1")], type=pa.binary())
+    pq.write_table(pa.table({"text": texts.cast(pa.string(), safe=False)}), tmp_path / "d.parquet")  # unchecked
+    err = fails(capsys, "--data-files", tmp_path / "d.parquet", "--out", tmp_path / "out", *(["--streaming"] * streaming))
+    assert f"--data-files {tmp_path / 'd.parquet'}: a document's text is not valid UTF-8" in err
+
+
+def test_txt_file_that_is_not_utf8(tmp_path, capsys):
+    (tmp_path / "a.txt").write_bytes("first line\nnaïve, in Latin-1\n".encode("latin-1"))
+    err = fails(capsys, "--data-files", tmp_path / "a.txt", "--out", tmp_path / "out")
+    assert f"--data-files {tmp_path / 'a.txt'}, line 2: not valid UTF-8" in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("files, message", [
     (["missing.jsonl"], "'missing.jsonl': no such file"),
     (["*.parquet"], "no such file"),
