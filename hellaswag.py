@@ -77,7 +77,7 @@ def load_examples(split="val", cache_dir=DEFAULT_CACHE_DIR, data_file=None, down
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                raise ValueError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line is 0x{raw[e.start]:02x}); "
                                  "save the file as UTF-8") from None
             if line.strip():
                 try:
@@ -107,9 +107,10 @@ def check_example(example, where="example", block_size=None):
     label = example["label"]
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < NUM_ENDINGS:
         raise ValueError(f"{where}: 'label' must be an integer 0-{NUM_ENDINGS - 1}, got {label!r}")
-    if block_size is not None:  # the context is truncated from the left to fit, but never to nothing
+    if block_size is not None:  # the context is cut from the left to fit (encode_example), but never to nothing
+        enc = gpt2_tokenizer()
         for j, ending in enumerate(endings):
-            n = len(gpt2_tokenizer().encode_ordinary(" " + ending))
+            n = len(enc.encode_ordinary(" " + ending))  # tokenized as encode_example does
             if n >= block_size:
                 raise ValueError(f"{where}: ending {j} is {n} tokens long, which leaves no room for context in the "
                                  f"model's block size of {block_size}; remove the example or use a model with a "
@@ -134,7 +135,7 @@ def encode_example(example, block_size=None):
     longest = max(len(e) for e in endings)
     if block_size is not None and len(ctx) + longest > block_size:
         room = block_size - longest
-        if room < 1:
+        if room < 1:  # load_examples(block_size=...) reports this earlier, naming the file and line
             raise ValueError(f"an ending of {longest} tokens leaves no room for context in block_size {block_size}")
         ctx = ctx[-room:]
     return ctx, endings, example["label"]
@@ -181,21 +182,28 @@ def score_naive(model, example, device):
     return summed, summed / mask.sum(dim=1)
 
 
+def packed_length(ctx, endings):
+    """Length of an encoded example's packed row (see _score_batch): the context, then each ending
+    but its last token."""
+    return len(ctx) + sum(len(e) - 1 for e in endings)
+
+
 def _batches(encoded, batch_size, max_padding=0.25):
-    """Example indices in batches of at most batch_size, sorted by packed row length (see
-    _score_batch). A batch closes early rather than pad its rows by more than max_padding of their
-    real tokens: a few examples spread over many lengths (--limit, a rank's share) would otherwise
-    waste most of a batch on padding; on the whole val set batches are full and barely padded."""
-    packed = [len(ctx) + sum(len(e) - 1 for e in ends) for ctx, ends, _ in encoded]
-    batches, run, real = [], [], 0
-    for i in sorted(range(len(encoded)), key=packed.__getitem__):
-        longest = packed[i]  # ascending order: the newest is the longest
-        if run and (len(run) == batch_size or (len(run) + 1) * longest > (1 + max_padding) * (real + longest)):
-            batches.append(run)
-            run, real = [], 0
-        run.append(i)
-        real += longest
-    return batches + [run] if run else batches
+    """Indices into encoded, in batches of at most batch_size, sorted by packed row length. A batch
+    closes early rather than pad its rows by more than max_padding of their real tokens: a few
+    examples spread over many lengths (--limit, a rank's share) would otherwise waste most of a
+    batch on padding; on the whole val set batches are full and barely padded."""
+    lengths = [packed_length(ctx, endings) for ctx, endings, _ in encoded]
+    batches, batch, real_tokens = [], [], 0
+    for i in sorted(range(len(encoded)), key=lengths.__getitem__):
+        longest = lengths[i]  # ascending order: the newest is the longest, every row is padded to it
+        too_padded = (len(batch) + 1) * longest > (1 + max_padding) * (real_tokens + longest)
+        if batch and (len(batch) == batch_size or too_padded):
+            batches.append(batch)
+            batch, real_tokens = [], 0
+        batch.append(i)
+        real_tokens += longest
+    return batches + [batch] if batch else batches
 
 
 def _score_batch(model, batch, device):
@@ -205,35 +213,69 @@ def _score_batch(model, batch, device):
     nothing). Every ending's positions restart where the context ends, and the mask lets an ending
     token see the context and its own ending's earlier tokens only, so each token computes what it
     would in the plain row [context + ending], while the context is computed once instead of 4 times.
-    Logits are computed only at the positions that predict an ending token."""
-    B, T = len(batch), max(len(ctx) + sum(len(e) - 1 for e in ends) for ctx, ends, _ in batch)
-    tokens, pos = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    segment = torch.full((B, T), -1)  # 0: context, j + 1: ending j, -1: padding
-    predictors, source, targets, row_of = [], [], [], []  # source: which predictor scores each target
-    for b, (ctx, ends, _) in enumerate(batch):
-        n = len(ctx)
-        tokens[b, :n], pos[b, :n], segment[b, :n] = torch.tensor(ctx), torch.arange(n), 0
-        predictors.append(b * T + n - 1)  # the last context token predicts all 4 first tokens
-        last_ctx, start = len(predictors) - 1, n
-        for j, e in enumerate(ends):
-            m = len(e) - 1
-            tokens[b, start : start + m], pos[b, start : start + m] = torch.tensor(e[:-1]), torch.arange(n, n + m)
-            segment[b, start : start + m] = j + 1
-            source += [last_ctx] + list(range(len(predictors), len(predictors) + m))
-            predictors += range(b * T + start, b * T + start + m)
-            targets += e
-            row_of += [NUM_ENDINGS * b + j] * len(e)
-            start += m
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
-    mask = (pos[:, None, :] <= pos[:, :, None]) & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)
+    Logits are computed only at the positions that predict an ending token.
+
+    A worked example: context x0 x1 x2; endings A = a0 a1 a2, B = b0, C = c0 c1, D = d0. The row:
+
+        column     0   1   2   3   4   5
+        token     x0  x1  x2  a0  a1  c0     B and D add nothing: x2 predicts their one token
+        pos        0   1   2   3   4   3     C restarts at 3, where the context ends
+        segment    0   0   0   1   1   3     0: context, j + 1: ending j (-1: padding, none here)
+
+    The mask: a query sees a key if the key's pos is not later and the key is context or in the
+    query's own segment. Padding is in no segment, so no one sees it; it sits at pos 0 and so sees
+    x0, which keeps every softmax row non-empty (an empty one would give NaN).
+
+        key:      x0  x1  x2  a0  a1  c0
+        query x0   1   .   .   .   .   .
+              x1   1   1   .   .   .   .
+              x2   1   1   1   .   .   .
+              a0   1   1   1   1   .   .
+              a1   1   1   1   1   1   .
+              c0   1   1   1   .   .   1     as in the plain row x0 x1 x2 c0 c1: the context and itself
+
+    Four lists say what to score. predictors: the columns whose logits are computed, as b * T +
+    column in the flattened batch (row b = 0 here): [2, 3, 4, 5]. The other three are parallel,
+    one entry per target, that is, per ending token:
+
+        targets   a0  a1  a2  b0  c0  c1  d0
+        source     0   1   2   0   0   3   0     which predictor scores it: an index into predictors
+        row_of     0   0   0   1   2   2   3     4 * b + j: the ending whose loss it adds to
+
+    so x2 (predictors[0]) scores the first token of all four endings, a0 scores a1, a1 scores a2
+    and c0 scores c1."""
+    B, T = len(batch), max(packed_length(ctx, endings) for ctx, endings, _ in batch)
+    tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T), padded with 0
+    pos = torch.zeros(B, T, dtype=torch.long)  # (B, T), the position embedding each token gets
+    segment = torch.full((B, T), -1)  # (B, T): 0 context, j + 1 ending j, -1 padding
+    predictors, source, targets, row_of = [], [], [], []  # see the worked example above
+    for b, (ctx, endings, _) in enumerate(batch):
+        n_ctx = len(ctx)
+        tokens[b, :n_ctx], pos[b, :n_ctx], segment[b, :n_ctx] = torch.tensor(ctx), torch.arange(n_ctx), 0
+        last_ctx = len(predictors)  # the index in predictors of the last context token, which predicts
+        predictors.append(b * T + n_ctx - 1)  # the first token of every ending
+        column = n_ctx  # where the next ending's tokens go
+        for j, ending in enumerate(endings):
+            fed = len(ending) - 1  # the ending's tokens that go into the row: all but the last
+            tokens[b, column : column + fed] = torch.tensor(ending[:-1])
+            pos[b, column : column + fed] = torch.arange(n_ctx, n_ctx + fed)  # restart after the context
+            segment[b, column : column + fed] = j + 1
+            source += [last_ctx] + list(range(len(predictors), len(predictors) + fed))
+            predictors += range(b * T + column, b * T + column + fed)
+            targets += ending
+            row_of += [NUM_ENDINGS * b + j] * len(ending)
+            column += fed
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]  # (B, T, 1) for queries, (B, 1, T) for keys
+    mask = (pos[:, None, :] <= pos[:, :, None]) & ((k_seg == 0) | (k_seg == q_seg)) & (k_seg >= 0)  # (B, T, T)
     tokens, pos, mask = tokens.to(device), pos.to(device), mask.to(device)
-    h = model.hidden_states(tokens, pos=pos, attn_mask=mask[:, None])[0].view(B * T, -1)  # one mask, all heads
-    logits = model.logits(h[torch.tensor(predictors, device=device)]).float()
-    source, targets = torch.tensor(source, device=device), torch.tensor(targets, device=device)
-    nll = torch.logsumexp(logits, dim=-1)[source] - logits[source, targets]  # cross-entropy, row by row
+    h = model.hidden_states(tokens, pos=pos, attn_mask=mask[:, None])[0]  # (B, T, C); one mask for all heads
+    logits = model.logits(h.view(B * T, -1)[torch.tensor(predictors, device=device)]).float()  # (P, vocab)
+    source, targets = torch.tensor(source, device=device), torch.tensor(targets, device=device)  # (N,) each
+    nll = torch.logsumexp(logits, dim=-1)[source] - logits[source, targets]  # (N,): cross-entropy of each target
     summed = torch.zeros(B * NUM_ENDINGS, device=device).index_add_(0, torch.tensor(row_of, device=device), nll)
-    lengths = torch.tensor([[len(e) for e in ends] for _, ends, _ in batch], device=device)
-    return summed.view(B, NUM_ENDINGS), summed.view(B, NUM_ENDINGS) / lengths
+    summed = summed.view(B, NUM_ENDINGS)
+    lengths = torch.tensor([[len(e) for e in endings] for _, endings, _ in batch], device=device)  # (B, 4)
+    return summed, summed / lengths
 
 
 def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, progress=False):
@@ -245,10 +287,10 @@ def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, 
     mean = torch.empty(len(examples), NUM_ENDINGS)
     with inference(model, device, autocast_dtype), tqdm(total=len(examples), disable=not progress,
                                                         desc="hellaswag", unit="ex") as bar:
-        for batch in _batches(encoded, batch_size):
-            s, m = _score_batch(model, [encoded[i] for i in batch], device)
-            summed[batch], mean[batch] = s.cpu(), m.cpu()
-            bar.update(len(batch))
+        for indices in _batches(encoded, batch_size):
+            batch_summed, batch_mean = _score_batch(model, [encoded[i] for i in indices], device)
+            summed[indices], mean[indices] = batch_summed.cpu(), batch_mean.cpu()
+            bar.update(len(indices))
     return summed, mean
 
 
@@ -259,7 +301,7 @@ def evaluate(model, examples, device, batch_size=32, rank=0, world_size=1, autoc
     has "predictions": (index, pred, pred_norm) for each example this rank scored."""
     if not examples:
         raise ValueError("no examples to evaluate")
-    mine = range(rank, len(examples), world_size)
+    mine = range(rank, len(examples), world_size)  # indices of this rank's share
     summed, mean = score_examples(model, [examples[i] for i in mine], device, batch_size, autocast_dtype,
                                   progress and rank == 0)
     labels = torch.tensor([examples[i]["label"] for i in mine], dtype=torch.long)
@@ -302,7 +344,8 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=SPLITS, help="split to download and evaluate (default: val)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where splits are downloaded (default: hellaswag/)")
     p.add_argument("--data-file", help="evaluate this local jsonl (official schema) instead of a downloaded split")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... "
+                   "(default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward pass (default: 32)")
     p.add_argument("--limit", type=positive_int, help="only the first N examples (default: all)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
