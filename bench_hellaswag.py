@@ -85,7 +85,8 @@ def main(argv=None):
     p.add_argument("--split", default="val", choices=SPLITS, help="split to download and time (default: val)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where splits are downloaded (default: hellaswag/)")
     p.add_argument("--data-file", help="a local jsonl (official schema) instead of a downloaded split")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, else cpu)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... "
+                   "(default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="examples per forward pass (default: 32)")
     p.add_argument("--limit", type=positive_int, default=32, help="the first N examples (default: 32)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -122,7 +123,8 @@ def main(argv=None):
     model.to(device)
 
     result = benchmark(model, examples, device, args.batch_size, autocast_dtype)
-    print(f"{result['n']} examples, {args.model}{' (random weights)' if args.random_init else ''}, {device}, {args.dtype}")
+    weights = " (random weights)" if args.random_init else ""
+    print(f"{result['n']} examples, {args.model}{weights}, {device}, {args.dtype}")
     print(f"plain loop  {result['naive_per_s']:8.2f} examples/s")
     print(f"batched     {result['fast_per_s']:8.2f} examples/s  (batch size {args.batch_size})")
     print(f"speedup     {result['speedup']:8.2f}x")
