@@ -7,7 +7,8 @@ order, into one token stream that is cut into `.npy` uint16 arrays of exactly --
 A shard's contents depend only on the dataset and the settings, never on --workers or on where an
 earlier run stopped: so an interrupted run resumes exactly. manifest.json records, for each finished
 shard, the stream position (document index, token offset into that document) where it starts and
-ends; a re-run checks the settings, skips the finished shards' documents and continues mid-document.
+ends, and its largest token id ("max_token": train_gpt2.py checks that instead of reading the shards);
+a re-run checks the settings, skips the finished shards' documents and continues mid-document.
 The manifest is written before the first shard, so a shard file it does not list is a leftover of a
 killed run (overwritten by the re-run); shards in a directory with no manifest are refused.
 Ctrl-C or SIGTERM stops a run cleanly (exit 130 or 143); the tokenizer processes never outlive the
@@ -38,6 +39,7 @@ from tqdm import tqdm
 from utils import pause_point
 
 EOT = 50256  # <|endoftext|>: precedes every document
+VOCAB_SIZE = 50257  # GPT-2's token ids are 0 ... EOT
 TOKENIZER = "gpt2"
 # A pool task is a batch of whole documents of about this many characters (~25k tokens, ~10 ms of
 # work): big enough that the main process handles one array per batch, not per document, and so keeps
@@ -297,19 +299,28 @@ def read_manifest(out, settings):
         if manifest.get(key) != value:
             raise DataError(f"--out {out} holds shards made with {key}={manifest.get(key)!r}, not {value!r}: "
                             "use another --out, or delete it to start again")
+    older = False  # a manifest of a fineweb.py that did not record max_token yet
     for i, shard in enumerate(manifest["shards"]):  # keep the intact prefix; redo from the first bad shard
         try:
-            ok = np.load(os.path.join(out, shard["file"]), mmap_mode="r").shape == (shard["tokens"],)
+            tokens = np.load(os.path.join(out, shard["file"]), mmap_mode="r")
+            ok = tokens.shape == (shard["tokens"],)
+            if ok and "max_token" not in shard:  # read the whole shard, this once
+                shard["max_token"], older = int(tokens.max()), True
         except (OSError, ValueError):
             ok = False
-        if not ok:
+        if not ok or shard["max_token"] >= VOCAB_SIZE:
             manifest.update(shards=manifest["shards"][:i], documents=None, tokens=None, complete=False)
             break
+    if older:  # saved now: a complete directory gets no later manifest write that would save it
+        write_manifest(out, manifest)
     return manifest
 
 
 def write_manifest(out, manifest):
-    write_atomic(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    try:
+        write_atomic(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    except OSError as e:  # a full disk, no permission...: the manifest before it is kept
+        raise DataError(f"--out {out}: could not write manifest.json ({e})") from e
 
 
 def write_shards(ds, what, settings, out, workers, max_shards=None, progress=True):
@@ -330,7 +341,9 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
                 write_manifest(out, manifest)
             write_atomic(os.path.join(out, name), lambda f: np.save(f, buf[:fill]))
             pause_point("fineweb.before_manifest")  # tests kill here: a shard that the manifest does not list yet
-            shards.append({"file": name, "tokens": fill, "start": start, "end": end})
+            # max_token: train_gpt2.py checks it against the vocabulary, instead of reading every shard
+            shards.append({"file": name, "tokens": fill, "max_token": int(buf[:fill].max()),
+                           "start": start, "end": end})
             write_manifest(out, manifest)
         except OSError as e:  # a full disk, no permission...: the shards finished before are kept
             raise DataError(f"--out {out}: could not write {name} ({e})") from e

@@ -172,6 +172,36 @@ def test_stop_after_n_shards_resumes_to_identical_shards(tmp_path, capsys):
     assert json.load(open(out / "manifest.json")) == json.load(open(tmp_path / "ref" / "manifest.json"))
 
 
+def test_manifest_records_each_shards_largest_token(tmp_path):
+    """"max_token" per shard, which train_gpt2.py checks against the vocabulary instead of reading the
+    shards. A manifest of an older fineweb.py lacks it: the re-run reads the shards it keeps to add
+    it, and redoes one whose ids are not GPT-2's; a complete one gains the key, shards untouched."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    ref = tmp_path / "ref"
+    run("--data-files", data, "--out", ref, "--shard-size", 1000)
+    expected = json.load(open(ref / "manifest.json"))
+    assert [s["max_token"] for s in expected["shards"]] == [int(a.max()) for a in load_shards(ref)]
+
+    def as_older_version(out):
+        manifest = json.load(open(out / "manifest.json"))
+        for shard in manifest["shards"]:
+            del shard["max_token"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 4)
+    as_older_version(out)
+    corrupt = np.load(out / "edufineweb_train_000002.npy")
+    corrupt[10] = 60000  # same length: only reading it finds this
+    np.save(out / "edufineweb_train_000002.npy", corrupt)
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    assert read_bytes(out) == read_bytes(ref) and json.load(open(out / "manifest.json")) == expected
+
+    as_older_version(out)
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    assert read_bytes(out) == read_bytes(ref) and json.load(open(out / "manifest.json")) == expected
+
+
 def test_missing_shard_is_rewritten(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", DOCS)
     out = tmp_path / "out"
