@@ -14,7 +14,7 @@ from tqdm import tqdm
 def download(url, path, timeout=60):
     """Download url to path with a progress bar. The file appears under its name only when it is
     complete: a dropped connection (fewer bytes than Content-Length), Ctrl-C or an error leaves
-    nothing behind. Raises OSError naming the url."""
+    nothing behind. Raises OSError (urllib's own errors are OSErrors)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # a unique temporary name: ranks that download at once never write into each other's file
