@@ -36,7 +36,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from utils import pause_point
+from utils import atomic_write, pause_point
 
 EOT = 50256  # <|endoftext|>: precedes every document
 VOCAB_SIZE = 50257  # GPT-2's token ids are 0 ... EOT
@@ -257,21 +257,6 @@ def describe(error):
 
 
 # ---- output --------------------------------------------------------------------------------------
-def write_atomic(path, write):
-    """Write to a temporary name, then rename: a crash never leaves a truncated file at `path`."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C or a full disk: leave no stray file (a SIGKILL may; it is harmless)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def shard_name(index):
     return f"edufineweb_{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
@@ -318,7 +303,7 @@ def read_manifest(out, settings):
 
 def write_manifest(out, manifest):
     try:
-        write_atomic(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+        atomic_write(os.path.join(out, "manifest.json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
     except OSError as e:  # a full disk, no permission...: the manifest before it is kept
         raise DataError(f"--out {out}: could not write manifest.json ({e})") from e
 
@@ -339,14 +324,16 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
             os.makedirs(out, exist_ok=True)
             if not shards:  # a manifest (the settings, no shards) exists before any shard does: see read_manifest
                 write_manifest(out, manifest)
-            write_atomic(os.path.join(out, name), lambda f: np.save(f, buf[:fill]))
+            # temporary file, fsync, rename: a crash never leaves a truncated shard under its name
+            nbytes = 2 * fill + 128  # uint16 tokens and the .npy header: the free space is checked first
+            atomic_write(os.path.join(out, name), lambda f: np.save(f, buf[:fill]), size_hint=nbytes)
             pause_point("fineweb.before_manifest")  # tests kill here: a shard that the manifest does not list yet
             # max_token: train_gpt2.py checks it against the vocabulary, instead of reading every shard
             shards.append({"file": name, "tokens": fill, "max_token": int(buf[:fill].max()),
                            "start": start, "end": end})
             write_manifest(out, manifest)
-        except OSError as e:  # a full disk, no permission...: the shards finished before are kept
-            raise DataError(f"--out {out}: could not write {name} ({e})") from e
+        except OSError as e:  # a full disk (atomic_write's message says what to do), no permission...:
+            raise DataError(f"--out {out}: could not write {name} ({e})") from e  # finished shards are kept
         pause_point("fineweb.after_shard")  # tests signal or kill here: mid-run, at a known shard
         if bar is not None:
             bar.close()
@@ -385,6 +372,9 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
                 doc += len(lengths)
     except UnicodeDecodeError as e:  # from `datasets`, decoding a row here or in a worker
         raise not_utf8(settings) from e
+    finally:  # an error or Ctrl-C mid-shard: its message goes below the progress bar, not at its end
+        if bar is not None:
+            bar.close()
     if doc == 0:
         raise DataError(f"{what} is empty: no documents to tokenize")
     if fill:

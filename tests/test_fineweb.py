@@ -202,6 +202,26 @@ def test_manifest_records_each_shards_largest_token(tmp_path):
     assert read_bytes(out) == read_bytes(ref) and json.load(open(out / "manifest.json")) == expected
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_full_disk_is_an_error_that_keeps_the_finished_shards(tmp_path, capsys):
+    """A full disk while a shard is written. Here the shard's temporary file is a link to /dev/full,
+    where every write fails with ENOSPC as on a full disk: exit 2 and a message saying what to do,
+    the finished shards and manifest intact, no temporary file left; then the same command finishes."""
+    data = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    out = tmp_path / "out"
+    run("--data-files", data, "--out", out, "--shard-size", 1000, "--max-shards", 3)
+    shards, manifest = read_bytes(out), json.load(open(out / "manifest.json"))
+    os.symlink("/dev/full", out / "edufineweb_train_000003.npy.tmp")
+    err = fails(capsys, "--data-files", data, "--out", out, "--shard-size", 1000)
+    assert f"--out {out}: could not write edufineweb_train_000003.npy" in err
+    assert "no space left on device" in err and "Free some space" in err and "run the same command again" in err
+    assert read_bytes(out) == shards and json.load(open(out / "manifest.json")) == manifest
+    assert not os.path.lexists(out / "edufineweb_train_000003.npy.tmp")
+
+    run("--data-files", data, "--out", out, "--shard-size", 1000)
+    np.testing.assert_array_equal(np.concatenate(load_shards(out)), reference(DOCS))
+
+
 def test_missing_shard_is_rewritten(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", DOCS)
     out = tmp_path / "out"
