@@ -324,13 +324,13 @@ def write_shards(ds, what, settings, out, workers, max_shards=None, progress=Tru
             os.makedirs(out, exist_ok=True)
             if not shards:  # a manifest (the settings, no shards) exists before any shard does: see read_manifest
                 write_manifest(out, manifest)
+            # max_token, of the very tokens written: train_gpt2.py checks it instead of reading every shard
+            max_token = int(buf[:fill].max())
             # temporary file, fsync, rename: a crash never leaves a truncated shard under its name
             nbytes = 2 * fill + 128  # uint16 tokens and the .npy header: the free space is checked first
             atomic_write(os.path.join(out, name), lambda f: np.save(f, buf[:fill]), size_hint=nbytes)
             pause_point("fineweb.before_manifest")  # tests kill here: a shard that the manifest does not list yet
-            # max_token: train_gpt2.py checks it against the vocabulary, instead of reading every shard
-            shards.append({"file": name, "tokens": fill, "max_token": int(buf[:fill].max()),
-                           "start": start, "end": end})
+            shards.append({"file": name, "tokens": fill, "max_token": max_token, "start": start, "end": end})
             write_manifest(out, manifest)
         except OSError as e:  # a full disk (atomic_write's message says what to do), no permission...:
             raise DataError(f"--out {out}: could not write {name} ({e})") from e  # finished shards are kept
@@ -478,7 +478,8 @@ def main(argv=None):
               file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:  # None: a handler installed outside Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
     shards, seconds = manifest["shards"], time.perf_counter() - t0
     tokens, new = sum(s["tokens"] for s in shards), sum(s["tokens"] for s in shards[len(done):])
     documents = manifest["documents"] or shards[-1]["end"][0]
