@@ -3,15 +3,24 @@ directories, train_gpt2.py checkpoints; and the export to a directory that `tran
 
 Our parameter names are those of HF's GPT2LMHeadModel, so a state dict moves between the two
 with one change: HF stores its linear layers as `Conv1D`, whose weight is nn.Linear's transposed.
+
+From the command line, a checkpoint becomes a Hugging Face model (weights, config.json, tokenizer,
+and a model card README.md), optionally uploaded to the Hugging Face Hub:
+
+    python weights.py export log/ckpt_019073.pt gpt2-repro
+    python weights.py export log/ckpt_019073.pt gpt2-repro --push-to-hub USER/gpt2-repro
 """
+import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
 
 from model import EOT, GPT, OPENAI_SIZES, GPTConfig, config_for
+from utils import atomic_write
 
 # HF stores these as Conv1D (in_features, out_features): the transpose of nn.Linear's weight
 CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -183,7 +192,8 @@ def save_hf(model, directory, tokenizer=True):
     """Write a directory that transformers' GPT2LMHeadModel.from_pretrained (and pipeline
     "text-generation") loads directly, with config.json and, with tokenizer=True, the GPT-2
     tokenizer converted from tiktoken. The files are written next to it under a temporary name,
-    then renamed into place: an interrupted export leaves no half-written file behind."""
+    then renamed into place: an interrupted export leaves no half-written file behind. Returns
+    the names of the files written."""
     os.makedirs(directory, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=directory, prefix=".save_hf-")
     try:
@@ -191,10 +201,12 @@ def save_hf(model, directory, tokenizer=True):
         to_hf(model).save_pretrained(tmp, max_shard_size="1000GB")
         if tokenizer:
             save_gpt2_tokenizer(tmp)
-        for name in os.listdir(tmp):
+        names = sorted(os.listdir(tmp))
+        for name in names:
             os.replace(os.path.join(tmp, name), os.path.join(directory, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return names
 
 
 def save_gpt2_tokenizer(directory):
@@ -220,3 +232,224 @@ def save_gpt2_tokenizer(directory):
                                       **{specials: list(enc._special_tokens)}).converted()
     eot = "<|endoftext|>"
     GPT2TokenizerFast(tokenizer_object=converted, bos_token=eot, eos_token=eot, unk_token=eot).save_pretrained(directory)
+
+
+# ---------------------------------------------------------------- the model card
+
+NOT_RECORDED = "not recorded"
+CARD_MARKER = "<!-- written by `python weights.py export`: exporting into this directory again rewrites this file -->"
+
+
+def training_record(checkpoint):
+    """What a train_gpt2.py checkpoint tells about its training: the step, the run's args (data,
+    total_batch_size, init_from) and, from the log.jsonl beside it, the latest val loss and
+    HellaSwag acc_norm at or before that step, as (step, value) or None."""
+    ckpt = read_checkpoint(checkpoint, keys=("model", "config"), mmap=True)  # mmap: the weights stay on disk
+    step, args = ckpt.get("step"), ckpt.get("args") or {}
+    log = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "log.jsonl")
+    return dict(step=step, args=args, val_loss=latest_in_log(log, "val_loss", step),
+                hellaswag=latest_in_log(log, "hellaswag", step))
+
+
+def latest_in_log(path, key, step):
+    """(step, value) of the last log.jsonl record holding `key` at or before `step`, or None. The
+    log can run past the checkpoint (training went on after it): later records are not this model's."""
+    if step is None or not os.path.isfile(path):
+        return None
+    found = None
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:  # a last line cut short by a crash
+                continue
+            if isinstance(record, dict) and key in record and isinstance(record.get("step"), int) \
+                    and record["step"] <= step:
+                found = (record["step"], record[key])  # records are in step order: the last one wins
+    return found
+
+
+def hub_dataset(data):
+    """The Hub dataset (and its config) that fineweb.py tokenized into the shard directory `data`, as its
+    manifest.json records it; None for anything else (a .txt file, local files, no manifest here)."""
+    try:
+        with open(os.path.join(data, "manifest.json")) as f:
+            manifest = json.load(f)
+        dataset, name = manifest["dataset"], manifest.get("name")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None if dataset == "local files" else (dataset, name)
+
+
+def model_card(model, name, load_as, source, record=None):
+    """README.md of an export: the metadata the Hub reads (between the --- lines), the model's shape,
+    its training as the checkpoint and its log.jsonl recorded it (record is None for a Hugging Face
+    directory or an OpenAI size), and how to load it. No license: the Hub accepts a card without one,
+    and only the model's owner can choose it."""
+    c, r = model.config, record or {}
+    args, step = r.get("args", {}), r.get("step")
+    init_from, data, batch = args.get("init_from"), args.get("data"), args.get("total_batch_size")
+    dataset = hub_dataset(data) if data else None
+    params = model.num_params() - (c.padded_vocab_size - c.vocab_size) * c.n_embd  # padding rows are not exported
+
+    metadata = ["library_name: transformers", "pipeline_tag: text-generation"]
+    if init_from in OPENAI_SIZES:  # the Hub links the model it was fine-tuned from
+        metadata.append(f"base_model: openai-community/{init_from}")
+    if dataset:
+        metadata.append(f"datasets:\n- {dataset[0]}")
+    metadata = "\n".join(metadata)
+    if record is None:
+        origin = f"converted from `{source}`"
+    else:
+        origin = f"fine-tuned from `{init_from}`" if init_from else "trained from scratch"
+        origin += f" with train_gpt2.py (checkpoint `{os.path.basename(source)}`)"
+    steps = NOT_RECORDED if step is None else f"{step:,}"
+    tokens = NOT_RECORDED if step is None or not batch else f"{step * batch:,} ({step:,} steps x {batch:,} tokens per step)"
+    if init_from and tokens != NOT_RECORDED:
+        tokens += ", fine-tuning only"
+    data = NOT_RECORDED if not data else f"`{data}`" + (f" ({', '.join(filter(None, dataset))})" if dataset else "")
+    val_loss, hellaswag = (NOT_RECORDED if m is None else f"{m[1]:.4f} (step {m[0]:,})"
+                           for m in (r.get("val_loss"), r.get("hellaswag")))
+    return f"""---
+{metadata}
+---
+
+# {name}
+
+A GPT-2 language model {origin}, exported to Hugging Face format by `python weights.py export`.
+
+| | |
+|---|---|
+| shape | {c.n_layer} layers, {c.n_head} heads, width {c.n_embd}, context {c.block_size} tokens |
+| parameters | {params:,} |
+| training steps | {steps} |
+| training tokens | {tokens} |
+| training data | {data} |
+| val loss | {val_loss} |
+| HellaSwag acc_norm | {hellaswag} |
+
+## Use
+
+```python
+from transformers import pipeline
+
+generator = pipeline("text-generation", model="{load_as}")
+print(generator("Hello, I'm a language model,", max_new_tokens=30)[0]["generated_text"])
+```
+
+The tokenizer is GPT-2's ({c.vocab_size:,} tokens); `<|endoftext|>` (id {EOT}) ends each document.
+
+No license was chosen at export: to say how others may use this model, add a `license:` line to the
+metadata at the top (see https://huggingface.co/docs/hub/repositories-licenses).
+
+{CARD_MARKER}
+"""
+
+
+# ---------------------------------------------------------------- command line
+
+
+class ExportError(Exception):
+    """Bad input, or a failed write or upload: main prints it as `error: ...` and exits with status 2."""
+
+
+def export(source, out_dir, repo_id=None, private=False):
+    """`python weights.py export`: source (a checkpoint; also a Hugging Face directory or an OpenAI
+    size) as a Hugging Face directory out_dir with a model card, uploaded to repo_id if given."""
+    if source not in OPENAI_SIZES and not os.path.exists(source):
+        raise ExportError(f"{source}: no such file. Give a train_gpt2.py checkpoint (log/ckpt_NNNNNN.pt), "
+                          f"a Hugging Face model directory, or one of {', '.join(OPENAI_SIZES)}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ExportError(f"OUT_DIR {out_dir} is a file: give the name of a directory to write (it is created)")
+    readme = os.path.join(out_dir, "README.md")
+    if os.path.isfile(readme):  # the card would replace it: only replace our own
+        with open(readme, errors="replace") as f:
+            if CARD_MARKER not in f.read():
+                raise ExportError(f"{readme} exists and was not written by this export, which writes its model "
+                                  "card there: move it away, or choose another OUT_DIR")
+    try:
+        model = from_pretrained(source)
+        record = training_record(source) if os.path.isfile(source) else None
+    except (ValueError, OSError) as e:  # OSError: an OpenAI size that cannot be downloaded
+        raise ExportError(e) from e
+    card = model_card(model, name=repo_id or os.path.basename(os.path.abspath(out_dir)),
+                      load_as=repo_id or out_dir, source=source, record=record)
+    try:
+        names = save_hf(model, out_dir)
+        atomic_write(readme, lambda f: f.write(card.encode()))
+    except OSError as e:
+        raise ExportError(f"writing {out_dir}: {e}") from e
+    print(f"wrote {out_dir}: {', '.join(sorted(names + ['README.md']))} (README.md is the model card)")
+    print(f'load it with:\n    from transformers import pipeline\n'
+          f'    generator = pipeline("text-generation", model="{repo_id or out_dir}")')
+    if repo_id:
+        push_to_hub(out_dir, repo_id, private, message=f"Export of {os.path.basename(source)} by weights.py")
+    else:
+        print("publish it on the Hugging Face Hub: `hf auth login` once, then the same command with "
+              "--push-to-hub USER/NAME")
+    return 0
+
+
+def push_to_hub(directory, repo_id, private, message):
+    """Upload directory to the Hub model repository repo_id, created if needed: the library's own two
+    calls, with the token `hf auth login` saved (or HF_TOKEN). Failures come back as ExportError."""
+    import huggingface_hub
+
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+    except ImportError:  # huggingface_hub before 0.24 kept its errors in utils
+        from huggingface_hub.utils import HfHubHTTPError, LocalTokenNotFoundError
+
+    print(f"uploading {directory} to the Hugging Face Hub as {repo_id}", flush=True)
+    api = huggingface_hub.HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=directory, commit_message=message,
+                          ignore_patterns=[".save_hf-*"])  # the temporary directory of an interrupted save_hf
+    except Exception as e:  # the library's errors, and network errors (requests' or httpx's, by version)
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # the server's message, on one line
+        if isinstance(e, LocalTokenNotFoundError) or (isinstance(e, HfHubHTTPError) and status in (401, 403)):
+            raise ExportError(f"the Hugging Face Hub refused to write {repo_id} ({reason}). Log in with a token "
+                              "that may write there: run `hf auth login` (or set HF_TOKEN), then this command "
+                              "again") from e
+        raise ExportError(f"uploading {directory} to {repo_id} failed ({reason}). The export in {directory} "
+                          "is complete: run this command again to retry the upload") from e
+    print(f"uploaded: {url}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="weights.py", description="GPT-2 weights out of train_gpt2.py")
+    commands = p.add_subparsers(dest="command", required=True)
+    e = commands.add_parser("export", help="a checkpoint as a Hugging Face model directory",
+                            description="Write CHECKPOINT as a directory that transformers loads (model.safetensors, "
+                            "config.json, the GPT-2 tokenizer, a model card README.md); with --push-to-hub, upload it.")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a train_gpt2.py checkpoint, e.g. log/ckpt_019073.pt "
+                   f"(also a Hugging Face directory, or one of {', '.join(OPENAI_SIZES)})")
+    e.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (created if needed; its files of the "
+                   "same names are replaced, others are kept)")
+    e.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload OUT_DIR to this Hugging Face Hub model "
+                   "repository, USER/NAME or ORG/NAME (created if needed), with the token `hf auth login` saved")
+    e.add_argument("--private", action="store_true", help="create the repository private (an existing one keeps "
+                   "its visibility)")
+    args = p.parse_args(argv)
+    if args.private and not args.push_to_hub:
+        e.error("--private needs --push-to-hub REPO_ID")
+    if args.push_to_hub is not None:  # checked before the export, not after it
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(args.push_to_hub)  # the Hub's own rules for names (a ValueError)
+            if "/" not in args.push_to_hub:
+                raise ValueError("the owner is missing")
+        except ValueError as err:
+            e.error(f"--push-to-hub {args.push_to_hub!r}: not a repository id USER/NAME or ORG/NAME ({err})")
+    try:
+        return export(args.checkpoint, args.out_dir, args.push_to_hub, args.private)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
