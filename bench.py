@@ -2,31 +2,41 @@
 
 Everything timed is imported from train_gpt2.py and model.py: the model, the optimizer, autocast,
 torch.compile and the data loader (fed an in-memory random shard, so its pinned host-to-device copy
-is timed too). Each variant changes one thing from the first, and the table ends with ms/step,
-tokens/s, MFU and peak memory.
+is timed too). Each variant changes one thing from `compile`, and the table ends with ms/step,
+tokens/s, MFU, peak memory, the memory one step allocates, and whether the step waits for the GPU.
 
     python bench.py                       # on a GPU: the 124M recipe, every variant below
     python bench.py --variants eager,compile --steps 5
     python bench.py --tiny                # a tiny model on the CPU, for CI (no MFU on a CPU)
+    python bench.py --variants eager,eager-logits,compile,compile-logits --batch-size 8 --seq-len 256 \
+        --total-batch-size 2048 --warmup 1 --steps 1    # CPU: what the loss-only forward saves
 """
 import argparse
 import contextlib
 import gc
+import json
+import os
+import tempfile
 import time
 
 import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
 
 from model import GPT, GPTConfig
 from train_gpt2 import DataLoader, train_step
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
-# name -> changes from the default: compiled, micro-batch 64, PyTorch's choice of attention, vocab 50304
+# name -> changes from the default: compiled, micro-batch 64, PyTorch's choice of attention, vocab 50304,
+# the loss-only training forward
 VARIANTS = {
     "eager": dict(compile=None),  # the walkthrough's final setting (it had to turn compile off)
+    "eager-logits": dict(compile=None, logits=True),
     "compile": dict(),
+    # the previous forward, which returned the (B, T, vocab) logits in training too: see PreviousForward
+    "compile-logits": dict(logits=True),
     # autotuned kernels, without CUDA graphs: replaying a graph across the micro-steps of gradient
     # accumulation is a known source of errors and wrong gradients (pytorch#96693, #169545)
     "compile-max-autotune": dict(compile="max-autotune-no-cudagraphs"),
@@ -39,8 +49,56 @@ VARIANTS = {
 }
 
 
+class PreviousForward(torch.nn.Module):
+    """The model as training called it before the loss-only forward: the logits come back with the
+    loss. Eager, they stay alive through backward (train_step holds them in `_`); compiled, they are
+    an output of the graph, so AOTAutograd also makes a (zero) gradient for them in every backward."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, idx, targets=None, return_logits=True):
+        return self.gpt(idx, targets, return_logits=True)  # whatever the caller asked for
+
+
+def cpu_step_memory(step):
+    """Peak bytes that step() has allocated at once, from the profiler's memory events: while it
+    profiles, the CPU allocator reports each allocation and free with a running total of the bytes
+    allocated since profiling began. So the figure is this step's alone (activations, gradients,
+    temporaries), without the weights and optimizer state allocated before it, without what the
+    compiler or earlier variants used: the process's max RSS (getrusage) would mix all of those in,
+    and counts pages that the allocator keeps, not tensors."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(os.path.join(tmp, "trace.json"))
+        with open(os.path.join(tmp, "trace.json")) as f:
+            events = json.load(f)["traceEvents"]
+    return max((e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"), default=0)
+
+
+def measured_step(step, device):
+    """One untimed step: (the bytes it allocates at its peak beyond what was allocated when it
+    started, host-device syncs in it). On CUDA any sync raises (sync debug mode "error")."""
+    if device.type != "cuda":
+        return cpu_step_memory(step), "-"
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside the step raises
+    try:
+        step()
+        syncs = "none"
+    except RuntimeError as e:
+        syncs = f"SYNC: {str(e).splitlines()[0][:60]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return torch.cuda.max_memory_allocated() - start, syncs
+
+
 def run_variant(name, args, device):
-    v = dict(compile="default", batch_size=args.batch_size, backend=None, padded_vocab_size=50304)
+    v = dict(compile="default", batch_size=args.batch_size, backend=None, padded_vocab_size=50304, logits=False)
     v.update(VARIANTS[name])
     B, T = v["batch_size"], args.seq_len
     if args.total_batch_size % (B * T):
@@ -50,7 +108,8 @@ def run_variant(name, args, device):
     config = GPTConfig(block_size=T, padded_vocab_size=v["padded_vocab_size"], **args.shape)
     raw = GPT(config).to(device)
     optimizer = raw.configure_optimizers(0.1, 6e-4, device.type, verbose=False)
-    model = torch.compile(raw, mode=v["compile"]) if v["compile"] else raw
+    model = PreviousForward(raw) if v["logits"] else raw
+    model = torch.compile(model, mode=v["compile"]) if v["compile"] else model
     tokens = np.random.default_rng(0).integers(0, 50257, 4 * args.total_batch_size + 1, dtype=np.uint16)
     loader = DataLoader([("synthetic", tokens)], B, T, grad_accum_steps=accum, shuffle=False, device=device)
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -66,17 +125,8 @@ def run_variant(name, args, device):
                 step()
         except RuntimeError as e:  # e.g. an attention backend this GPU or build lacks
             return dict(name=name, error=str(e).splitlines()[0][:80])
+        step_mem, syncs = measured_step(step, device)
         if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            torch.cuda.set_sync_debug_mode("error")  # any host-device sync inside the step raises
-            try:
-                step()
-                syncs = "none"
-            except RuntimeError as e:
-                syncs = f"SYNC: {str(e).splitlines()[0][:60]}"
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
@@ -89,10 +139,9 @@ def run_variant(name, args, device):
         else:
             ms = (time.perf_counter() - t0) * 1000 / args.steps
     tok_per_s = args.total_batch_size / (ms / 1000)
-    return dict(name=name, B=B, accum=accum, ms=ms, tok_per_s=tok_per_s, loss=loss.item(),
-                syncs=syncs if cuda else "-",
+    return dict(name=name, B=B, accum=accum, ms=ms, tok_per_s=tok_per_s, loss=loss.item(), syncs=syncs,
                 mfu=raw.estimate_mfu(tok_per_s, T, args.peak_tflops * 1e12) if cuda else None,
-                mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else None)
+                mem=torch.cuda.max_memory_allocated() / 2**30 if cuda else None, step_mem=step_mem / 2**30)
 
 
 def count(s):
@@ -145,15 +194,19 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    print(f"\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory | syncs in step |")
-    print("|---|---|---|---|---|---|---|")
+    # peak memory: everything allocated on the GPU at the busiest moment (weights, optimizer state, the
+    # step); step memory: the most one step allocated beyond what was there when it began (on a CPU,
+    # from the profiler's memory events: see cpu_step_memory)
+    print("\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory | step memory | syncs in step |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['name']} | | unavailable: {r['error']} | | | | |")
+            print(f"| {r['name']} | | unavailable: {r['error']} | | | | | |")
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         mem = f"{r['mem']:.1f} GiB" if r["mem"] is not None else "-"
-        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} | {r['syncs']} |")
+        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} | "
+              f"{r['step_mem']:.3f} GiB | {r['syncs']} |")
 
 
 if __name__ == "__main__":

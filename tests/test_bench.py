@@ -1,10 +1,14 @@
-"""bench.py runs (tiny model, CPU), and the training step it times never waits for the device."""
+"""bench.py runs (tiny model, CPU), the training step it times never waits for the device, and the
+loss-only training forward (model(x, y, return_logits=False)) changes memory, not numbers."""
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+from functorch.compile import make_boxed_func
+from torch._dynamo.backends.common import aot_autograd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT
@@ -69,3 +73,99 @@ def test_bad_flags_are_usage_errors(capsys):
             assert flag in message, message
         else:
             raise AssertionError(f"{argv} was accepted")
+
+
+# ---------------------------------------------------------------- the loss-only training forward
+
+# a small model whose vocabulary is padded (50257 real tokens, 50304 rows), as in training
+SMALL = GPTConfig(block_size=16, vocab_size=50257, padded_vocab_size=50304, n_layer=1, n_head=2, n_embd=16)
+
+
+def small_batch():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50257, (2, 16), generator=g), torch.randint(0, 50257, (2, 16), generator=g)
+    y[0, 3] = -1  # an ignored target too
+    return x, y
+
+
+def loss_and_grads(model, params, x, y, **kwargs):
+    for p in params.values():
+        p.grad = None
+    _, loss = model(x, y, **kwargs)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in params.items()}
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_loss_only_forward_gives_the_same_loss_and_gradients_bit_for_bit():
+    torch.manual_seed(0)
+    raw = GPT(SMALL)
+    params = dict(raw.named_parameters())
+    x, y = small_batch()
+    compiled = torch.compile(raw)
+    try:
+        for model in (raw, compiled):  # eager, then inductor: each mode against itself
+            full_loss, full_grads = loss_and_grads(model, params, x, y)  # logits returned, as before
+            loss, grads = loss_and_grads(model, params, x, y, return_logits=False)
+            assert torch.equal(loss, full_loss)
+            for name in params:
+                assert torch.equal(grads[name], full_grads[name]), name
+            assert model(x, y, return_logits=False)[0] is None
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_compiled_loss_only_backward_gets_no_logits_gradient():
+    """Why the loss-only forward saves memory once compiled: AOTAutograd gives the backward graph one
+    incoming gradient ("tangent") per output of the forward that requires grad, and fills it with
+    zeros when the caller never uses that output. Returned logits get a (B, T, vocab) one every
+    micro-step; the loss-only graph gets only the loss's scalar."""
+    torch.manual_seed(0)
+    raw = GPT(SMALL)
+    x, y = small_batch()
+
+    def tangent_shapes(**kwargs):
+        shapes = []
+
+        def backward_compiler(gm, example_inputs):
+            shapes.extend(tuple(n.meta["val"].shape) for n in gm.graph.nodes
+                          if n.op == "placeholder" and n.name.startswith("tangents"))
+            return make_boxed_func(gm.forward)
+
+        torch._dynamo.reset()
+        backend = aot_autograd(fw_compiler=lambda gm, example_inputs: make_boxed_func(gm.forward),
+                               bw_compiler=backward_compiler)  # AOTAutograd's graphs, run as they are
+        _, loss = torch.compile(raw, backend=backend)(x, y, **kwargs)
+        loss.backward()
+        return shapes
+
+    try:
+        assert tangent_shapes() == [(2, 16, 50257), ()]  # the previous forward: logits, then the loss
+        assert tangent_shapes(return_logits=False) == [()]
+    finally:
+        torch._dynamo.reset()
+
+
+def test_bench_measures_the_memory_the_loss_only_forward_saves():
+    """bench.py's variants with the previous forward (-logits) hold the logits, B x T x 50304 float32
+    values (padded: the real vocabulary is a view of them), through the backward: eager in
+    train_step's `_`; compiled as a graph output, plus the zero gradient AOTAutograd makes for it."""
+    B, T = 8, 64
+    logits_gib = B * T * 50304 * 4 / 2**30  # 0.096 GiB
+    out = subprocess.run([sys.executable, "bench.py", "--tiny", "--variants", "eager,eager-logits,compile,compile-logits",
+                          "--total-batch-size", str(B * T), "--steps", "1", "--warmup", "1"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    header = next(line for line in out.stdout.splitlines() if line.startswith("| variant |"))
+    column = [c.strip() for c in header.split("|")].index("step memory")
+    step_gib = {}
+    for line in out.stdout.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if len(cells) > column and cells[column].endswith(" GiB"):
+            step_gib[cells[1]] = float(cells[column].removesuffix(" GiB"))
+    assert sorted(step_gib) == ["compile", "compile-logits", "eager", "eager-logits"], out.stdout
+    # eager: the same step plus exactly one logits tensor (the column has 0.001 GiB steps)
+    assert step_gib["eager-logits"] - step_gib["eager"] == pytest.approx(logits_gib, abs=0.002)
+    # compiled: the logits output and its zero gradient (two tensors at most; measured 1.8)
+    assert logits_gib - 0.002 <= step_gib["compile-logits"] - step_gib["compile"] <= 2 * logits_gib + 0.002
