@@ -1,9 +1,13 @@
-"""Three small things the scripts share: one way to download a file, one way to write a file so
-that a crash never leaves half of it under the real name, and a pause point for tests."""
+"""Small things the scripts share: one way to download a file, one way to write a file so that a
+crash never leaves half of it under the real name, a pause point for tests, and the autocast dtype
+that --dtype auto means on this device (bfloat16 on a CPU only where it is native)."""
 import errno
+import functools
 import http.client
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -92,3 +96,92 @@ def pause_point(name):
         f.write(str(os.getpid()))
     while os.path.exists(flag):
         time.sleep(0.01)
+
+
+# ---------------------------------------------------------------- bfloat16 on the CPU
+# A CPU with bfloat16 instructions (x86: AVX512-BF16 or AMX; ARM: FEAT_BF16) multiplies bfloat16
+# matrices about twice as fast as float32 ones: training steps there run ~1.9x faster under
+# autocast. Without them, bfloat16 is emulated and slower than float32. So "--dtype auto" asks.
+
+CPU_BF16_ENV = "GPT2_CPU_BF16"  # "1" or "0": override the detection (for tests, or a CPU it gets wrong)
+
+
+def cpu_has_fast_bf16():
+    """Whether this CPU has native bfloat16 matrix multiplication. The environment variable
+    GPT2_CPU_BF16=1/0 decides if set; else what the OS reports (cached); else, when the OS gives no
+    answer, a one-off measurement of a bfloat16 against a float32 matmul (a few milliseconds)."""
+    override = os.environ.get(CPU_BF16_ENV, "")
+    if override:
+        if override not in ("0", "1"):
+            raise ValueError(f"{CPU_BF16_ENV}={override!r}: expected 1 (this CPU has fast bfloat16) or 0 (it "
+                             "has not), or leave it unset to detect it")
+        return override == "1"
+    return _detected_cpu_bf16()
+
+
+@functools.lru_cache(maxsize=None)
+def _detected_cpu_bf16():
+    answer = cpu_bf16_from_os()
+    return _bf16_matmul_is_faster() if answer is None else answer
+
+
+def cpu_bf16_from_os():
+    """True or False as the OS reports the CPU's bfloat16 support, or None if it does not say."""
+    if sys.platform == "darwin":  # Apple silicon; Intel Macs have no such key (and no AVX512-BF16)
+        try:
+            result = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                    timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() == "1" if result.returncode == 0 else None
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bf16_from_cpuinfo(f.read())
+    except OSError:  # not Linux (Windows, BSD): measure instead
+        return None
+
+
+def bf16_from_cpuinfo(text):
+    """Linux's /proc/cpuinfo: x86 lists its features on "flags" lines, aarch64 on "Features" lines.
+    True if the first such line has a bfloat16 matmul feature, False if it has none, None if no line."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, features = key.strip(), set(value.split())
+        if key == "flags":  # x86: AVX512-BF16 (Cooper Lake, Zen 4 and later) or AMX (Sapphire Rapids and later)
+            return bool(features & {"avx512_bf16", "amx_bf16"})
+        if key == "Features":  # aarch64: FEAT_BF16 (e.g. Graviton 3, Neoverse V1/N2, Apple M2)
+            return "bf16" in features
+    return None
+
+
+def _bf16_matmul_is_faster(n=256, repeats=5):
+    """The fallback: is a bfloat16 (n, n) matmul faster than a float32 one here? Best of a few
+    alternating runs, so that a busy machine slows both alike. Emulated bfloat16 is several times
+    slower than float32, native about twice as fast: the answer is rarely close."""
+    import torch
+
+    a = torch.randn(n, n)
+    best = {torch.float32: float("inf"), torch.bfloat16: float("inf")}
+    operands = {dtype: (a.to(dtype), a.to(dtype)) for dtype in best}
+    for _ in range(repeats):
+        for dtype, (x, y) in operands.items():
+            t0 = time.perf_counter()
+            x @ y
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+    return best[torch.bfloat16] < best[torch.float32]
+
+
+def autocast_dtype(device_type, choice="auto"):
+    """The autocast dtype for --dtype auto|float32|bfloat16|float16 on a device type ("cuda", "cpu",
+    "mps"); None means plain float32. auto is bfloat16 on CUDA and on a CPU with native bfloat16
+    (cpu_has_fast_bf16), float32 elsewhere. An explicit choice is always taken as it is."""
+    if choice == "auto":
+        if device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16()):
+            choice = "bfloat16"
+        else:
+            choice = "float32"
+    if choice not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype {choice}: choose auto, float32, bfloat16 or float16")
+    import torch
+
+    return None if choice == "float32" else getattr(torch, choice)
