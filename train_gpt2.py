@@ -12,7 +12,8 @@ linearly over 715 steps, then a cosine down to 10% at step 19,073. Each optimize
 --total-batch-size tokens: every rank runs grad_accum_steps micro-batches of --batch-size x --seq-len
 tokens, and DDP averages the gradients across ranks once per step. Every --eval-every steps: val
 loss, HellaSwag accuracy and a few samples. A checkpoint holds everything needed to continue exactly
-where the run stopped; SIGTERM or Ctrl-C finishes the step and writes one.
+where the run stopped; SIGTERM or Ctrl-C finishes the current step (or eval batch) and writes one.
+One run at a time uses a --log-dir: it holds a lock on it from start to exit.
 
 Reading order: get_lr (the schedule) -> dataloader.py (the data) -> train_step, val_loss (one step,
 one eval) -> train() (the run, top to bottom) -> the command line at the end. Checkpoints, the log
@@ -22,13 +23,14 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import glob
+import fcntl
 import json
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 
@@ -39,11 +41,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import weights
 from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
 from model import GPT, H100_BF16_PEAK_FLOPS, OPENAI_SIZES, config_for
-from utils import atomic_write
+from utils import atomic_write, pause_point
 
 
 class TrainError(Exception):
-    """Bad input (a flag, a checkpoint): main prints the message and exits with status 2."""
+    """Bad input (a flag, a checkpoint) or a run that cannot go on (a full disk): main prints the
+    message and exits with status 2."""
+
+
+class Diverged(Exception):
+    """The loss, the gradient norm or the weights became inf or NaN: main prints the message and
+    exits with status 1, and no checkpoint of the bad state is written."""
 
 
 # ---------------------------------------------------------------- learning rate
@@ -66,15 +74,23 @@ def get_lr(step, args):
 # ---------------------------------------------------------------- model, training step, evaluation
 
 
-def build_model(args, device):
-    """A new GPT of the requested shape (seeded by the caller), or pretrained weights with --init-from."""
+def requested_config(args):
+    """The GPTConfig that the shape flags ask for (--model, --n-layer, --n-head, --n-embd, --seq-len)."""
+    shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
+    return config_for(args.model, block_size=args.seq_len, padded_vocab_size=args.padded_vocab_size, **shape)
+
+
+def build_model(args, device, resume_config=None):
+    """A new GPT of the requested shape (seeded by the caller), or pretrained weights with --init-from.
+    To resume, resume_config (the checkpoint's GPTConfig) gives the shape and the checkpoint the
+    weights: a fine-tune resumes without its --init-from source (a hub download, a moved directory)."""
     try:
-        if args.init_from:
+        if resume_config is not None:
+            model = GPT(resume_config)
+        elif args.init_from:
             model = GPT.from_pretrained(args.init_from, padded_vocab_size=args.padded_vocab_size)
         else:
-            shape = {k: getattr(args, k) for k in ("n_layer", "n_head", "n_embd") if getattr(args, k)}
-            model = GPT(config_for(args.model, block_size=args.seq_len, padded_vocab_size=args.padded_vocab_size,
-                                   **shape))
+            model = GPT(requested_config(args))
     except (ValueError, OSError) as e:
         raise TrainError(f"{'--init-from ' + args.init_from if args.init_from else 'model shape'}: {e}") from e
     if args.seq_len > model.config.block_size:
@@ -115,30 +131,47 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip=1.0, au
 
 
 @torch.no_grad()
-def val_loss(model, loader, steps, autocast_dtype=None):
-    """Mean loss over the first `steps` val batches: the same tokens at every eval, split across ranks."""
+def val_loss(model, loader, steps, autocast_dtype=None, should_stop=lambda: False):
+    """Mean loss over the first `steps` val batches: the same tokens at every eval, split across ranks.
+    None if should_stop() (a SIGTERM) turns true between batches: the rest is skipped. Each rank looks
+    at its own flag, which then travels in the one all-reduce with the loss (never a collective that
+    another rank skips), so every rank returns None together."""
     loader.reset()
-    total = torch.zeros((), device=loader.device)
+    total, stopped = torch.zeros((), device=loader.device), False
     for _ in range(steps):
+        if should_stop():
+            stopped = True
+            break
         x, y = loader.next_batch()
         with autocast(x.device, autocast_dtype):
             total += model(x, y, return_logits=False)[1].float()
+        pause_point("val_batch")  # tests signal here, after a batch
+    total_and_stopped = torch.stack([total, torch.tensor(float(stopped), device=total.device)])
     if dist.is_initialized():
-        dist.all_reduce(total)
-        total /= dist.get_world_size()
-    return (total / steps).item()
+        dist.all_reduce(total_and_stopped)  # the sum over ranks of both
+    total, stopped = total_and_stopped.tolist()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return None if stopped else total / world_size / steps
 
 
-def print_samples(model, args, device, rank, autocast_dtype=None):
+def print_samples(model, args, device, rank, autocast_dtype=None, should_stop=lambda: False):
+    """Print --num-samples continuations of --sample-prompt; False (having printed nothing) if
+    should_stop() turned true between tokens."""
     import tiktoken
 
     enc = tiktoken.get_encoding("gpt2")
     prompt = torch.tensor([enc.encode_ordinary(args.sample_prompt)] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed + rank)  # each rank its own samples
+    tokens = [prompt]
     with autocast(device, autocast_dtype):
-        out = model.generate(prompt, args.sample_tokens, top_k=50, generator=generator)
-    for i, row in enumerate(out.tolist()):
+        for next_id in model.generate_stream(prompt, args.sample_tokens, top_k=50, generator=generator):
+            tokens.append(next_id)
+            pause_point("sample_token")  # tests signal here, after a token
+            if should_stop():
+                return False
+    for i, row in enumerate(torch.cat(tokens, dim=1).tolist()):
         print(f"rank {rank} sample {i}: {enc.decode(row)}", flush=True)
+    return True
 
 
 def load_hellaswag(args, block_size):
@@ -157,6 +190,41 @@ def load_hellaswag(args, block_size):
         raise TrainError(f"HellaSwag data: {e} (pass --hellaswag-file FILE or --no-hellaswag)") from e
 
 
+def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples, autocast_dtype,
+              log_path):
+    """The evals due at `step` (val loss, HellaSwag, samples), each logged as it completes. False if
+    a signal came meanwhile: the rest is skipped on every rank, and nothing partial is logged (the
+    resumed run redoes this step's evals; trim_log drops what this one logged)."""
+    last_step = step == args.max_steps
+    eval_due = last_step or (args.eval_every and step % args.eval_every == 0)
+    sample_step = last_step or (args.sample_every and step % args.sample_every == 0)
+    samples_due = step > 0 and args.num_samples and sample_step
+    if not (eval_due or samples_due):
+        return True
+    device = val_loader.device
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if eval_due:
+        loss = val_loss(compiled, val_loader, val_steps, autocast_dtype, should_stop=signalled)
+        if loss is None:
+            return False
+        print0(f"step {step:5d} | val loss {loss:.4f}")
+        append_log(log_path, step=step, val_loss=loss)
+        if hellaswag_examples:
+            import hellaswag
+
+            pause_point("hellaswag")  # tests signal here
+            if stop_requested(device):  # hellaswag.evaluate cannot stop midway: look before it starts
+                return False
+            result = hellaswag.evaluate(raw_model, hellaswag_examples, device, rank=rank, world_size=world_size,
+                                        autocast_dtype=autocast_dtype)
+            print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
+                   f"({result['correct_norm']}/{result['n']})")
+            append_log(log_path, step=step, hellaswag=result["acc_norm"])
+    if samples_due:
+        print_samples(raw_model, args, device, rank, autocast_dtype, should_stop=signalled)
+    return not stop_requested(device)  # every rank here: all of them agree
+
+
 # ---------------------------------------------------------------- distributed helpers
 
 
@@ -166,15 +234,32 @@ def setup_distributed(device_arg):
     env = {k: int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1))}
     if device_arg == "auto":
         device_arg = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device = check_device(device_arg)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"--device {device_arg}: no CUDA device is available (try --device cpu)")
         device = torch.device("cuda", env["LOCAL_RANK"] if device.index is None else device.index)
+        if device.index >= torch.cuda.device_count():
+            raise TrainError(f"--device {device_arg}: cuda:{device.index} does not exist, this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return env["RANK"], env["WORLD_SIZE"], device
+
+
+def check_device(name):
+    """torch.device(name) if this machine has it; else a TrainError saying what it has."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise TrainError(f"--device {name}: not a device ({e.args[0].splitlines()[0]}); use auto, cpu, cuda, "
+                         "cuda:N or mps") from e
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device.type not in available:
+        raise TrainError(f"--device {name}: not supported here; use auto, cpu, cuda, cuda:N or mps")
+    if not available[device.type]:
+        raise TrainError(f"--device {name}: no {device.type.upper()} device is available on this machine "
+                         "(try --device cpu)")
+    return device
 
 
 def print0(*args, **kwargs):
@@ -206,13 +291,138 @@ def on_rank0(fn):
     return result
 
 
+STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the run stops after the step or eval batch
+
+
+def request_stop(signum, frame):
+    # Only a flag: a scheduler may signal torchrun and every worker at once, and torchrun passes its
+    # signal on too, so one preemption can arrive twice; each must still end in a checkpoint.
+    STOP["signal"] = signum
+
+
+def signalled():
+    """Whether this rank got SIGTERM/SIGINT. Local: to act on it, ranks first agree (stop_flag)."""
+    return STOP["signal"] is not None
+
+
+def stop_flag(device):
+    """1.0 on every rank if any rank was signalled, else 0.0: a device tensor (nothing waits for it
+    here), made by a collective, so all ranks call it at the same point and take the same branch."""
+    stop = torch.full((), float(signalled()), device=device)
+    if dist.is_initialized():  # a signal to any one rank stops them all
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    return stop
+
+
+def stop_requested(device):
+    return bool(stop_flag(device).item())
+
+
 # ---------------------------------------------------------------- checkpoints and log
+# Everything in --log-dir: the lock, the checkpoints ckpt_NNNNNN.pt and log.jsonl. Rank 0 alone
+# writes there; it takes the lock before it reads or touches anything else in it.
+
+
+# rank 0's open --log-dir/.lock while it holds it (closing it releases it), and the directories it made
+LOCK = {"fd": None, "path": None, "made": []}
+
+
+def lock_log_dir(args, device):
+    """Rank 0 takes an exclusive lock on --log-dir for the whole run: a second run in the same
+    directory (say a requeued job that starts while the preempted one still writes its SIGTERM
+    checkpoint) would remove its partial file, prune its checkpoints and interleave its log. That
+    run is refused, or with --wait-for-lock waits until the first one exits. Every rank waits
+    together (rank 0 looks once a second and tells the others). False if a signal came while waiting."""
+    waiting = False
+    while True:
+        holder = on_rank0(lambda: try_lock(args.log_dir))  # None: locked
+        if holder is None:
+            return True
+        if not args.wait_for_lock:
+            raise TrainError(f"--log-dir {args.log_dir} is in use by another run ({holder}): wait until it "
+                             "ends, pass --wait-for-lock to wait for it, or use another --log-dir")
+        if not waiting:
+            print0(f"--log-dir {args.log_dir} is in use by another run ({holder}): waiting until it ends "
+                   "(--wait-for-lock)")
+            waiting = True
+        if stop_requested(device):
+            return False
+        time.sleep(1)
+
+
+def try_lock(log_dir):
+    """Rank 0: flock log_dir/.lock, write "host H, pid P" in it, and keep it open in LOCK. Returns
+    None, or who holds it. The kernel releases a flock when its process dies, however it dies (kill
+    -9 too), so a lock is never stale. flock works across machines on NFS (v4, or v3 with lockd) and
+    on Lustre mounted with -o flock; with NFS -o nolock or Lustre -o localflock it only sees runs on
+    the same machine; where flock fails (Lustre with -o noflock) the run warns and goes on unlocked."""
+    path = os.path.join(log_dir, ".lock")
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise TrainError(f"--log-dir {log_dir} is a file, not a directory")
+    made = missing_dirs(log_dir)
+    while True:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TrainError(f"--log-dir {log_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                             "give a directory this run can write to") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another process holds it
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            return holder or "it has not written its host and pid yet"
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: this filesystem has no flock
+            os.close(fd)
+            os.remove(path)
+            print(f"warning: cannot lock --log-dir {log_dir} ({e.strerror}): this filesystem does not support "
+                  "flock, so a second run in it at the same time would not be refused", flush=True)
+            return None
+        # unlock_log_dir removes the file before it releases the lock: if that happened between our
+        # open and our flock, we locked a file that no longer has the name, so try again
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
+    LOCK.update(fd=fd, path=path, made=made)
+    return None
+
+
+def missing_dirs(path):
+    """The directories that os.makedirs(path) would make, deepest first."""
+    path, missing = os.path.abspath(path), []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def unlock_log_dir():
+    """Remove the lock file, then release the lock by closing it (try_lock checks for this order).
+    A run that stopped before writing anything (bad data, say) leaves no empty directory behind."""
+    fd, path, made = LOCK["fd"], LOCK["path"], LOCK["made"]
+    LOCK.update(fd=None, path=None, made=[])
+    if fd is not None:
+        with contextlib.suppress(OSError):  # already gone with its directory, say
+            os.remove(path)
+        os.close(fd)
+        for directory in made:  # deepest first; one that is not empty stays, and so do its parents
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
 
 
 def checkpoints(log_dir):
-    """This script's checkpoints in log_dir (ckpt_NNNNNN.pt), oldest first; other files are ignored."""
-    found = [f for f in glob.glob(os.path.join(glob.escape(log_dir), "ckpt_*.pt"))  # log_dir taken literally
-             if re.fullmatch(r"ckpt_\d{6,}\.pt", os.path.basename(f))]  # not a ckpt_best.pt of the user's
+    """This script's checkpoints in log_dir (ckpt_NNNNNN.pt), oldest first; other files are ignored.
+    os.listdir, not glob: a --log-dir like runs/exp[1] is a name, never a pattern."""
+    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
+    found = [os.path.join(log_dir, n) for n in names if re.fullmatch(r"ckpt_\d{6,}\.pt", n)]  # not ckpt_best.pt
     return sorted(found, key=checkpoint_step)
 
 
@@ -220,16 +430,70 @@ def checkpoint_step(path):
     return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
 
 
+def newest_checkpoint(log_dir):
+    """Words for an error message: which checkpoint a run that stops now leaves as the newest."""
+    found = checkpoints(log_dir)
+    return f"the newest one, {found[-1]}, is still good" if found else f"none was written in {log_dir} yet"
+
+
+def storage_bytes(obj, seen=None):
+    """Bytes of the tensor storages in a nested dict/list, each shared storage once (the tied
+    wte/lm_head weight): about the size torch.save writes."""
+    seen = {} if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            storage_bytes(v, seen)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            storage_bytes(v, seen)
+    return sum(seen.values())
+
+
 def save_checkpoint(args, step, raw_model, optimizer, loader):
+    """Rank 0: write ckpt_{step}.pt, then prune to the newest --keep-checkpoints. A full disk is a
+    TrainError naming the directory and the space needed; the partial file is removed and the
+    older checkpoints are untouched (pruning comes after a complete write)."""
     ckpt = dict(model=raw_model.state_dict(), config=dataclasses.asdict(raw_model.config),
                 optimizer=optimizer.state_dict(), step=step, loader=loader.state_dict(), args=vars(args),
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
-    atomic_write(path, lambda f: torch.save(ckpt, f))  # a crash mid-write never leaves a broken file
-    for old in checkpoints(args.log_dir)[:-args.keep_checkpoints]:
-        os.remove(old)
+    pause_point("checkpoint")  # tests act here, just before the write
+    try:  # a crash mid-write never leaves a broken file under the real name
+        atomic_write(path, lambda f: torch.save(ckpt, f), size_hint=storage_bytes(ckpt))
+        for old in checkpoints(args.log_dir)[:-args.keep_checkpoints]:
+            os.remove(old)
+    except OSError as e:
+        raise TrainError(f"checkpoint at step {step}: {e}") from e
     return path
+
+
+def check_finite(step, loss, norm, log_dir):
+    """Diverged if a step's loss or gradient norm is inf or NaN (every rank sees the same numbers):
+    the run stops before it can write a checkpoint of the bad state."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        newest = on_rank0(lambda: newest_checkpoint(log_dir))
+        raise Diverged(f"step {step}: loss {loss}, gradient norm {norm}. Stopping without writing a checkpoint "
+                       f"({newest}); try a lower --lr")
+
+
+def weights_finite(model):
+    """Whether every parameter is finite: one fused check, one wait for the device (at saves only)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
+
+
+def write_checkpoint(args, step, raw_model, optimizer, loader):
+    """The checkpoint after `step` completed steps, if the weights are finite (the loss and gradient
+    norm were, but the update may not be): rank 0 writes it, every rank waits and sees its errors.
+    Every rank checks the weights (identical on all of them), so all raise Diverged together."""
+    if not weights_finite(raw_model):
+        newest = on_rank0(lambda: newest_checkpoint(args.log_dir))
+        raise Diverged(f"step {step - 1}: the update made the weights inf or NaN (its loss and gradient norm were "
+                       f"finite). Stopping without writing a checkpoint ({newest}); try a lower --lr")
+    path = on_rank0(lambda: save_checkpoint(args, step, raw_model, optimizer, loader))
+    print0(f"checkpoint: {path}")
 
 
 def find_checkpoint(args):
@@ -259,76 +523,148 @@ def find_checkpoint(args):
 
 def read_checkpoint(path, mmap=False):
     try:
-        return weights.read_checkpoint(path, keys=("model", "config", "step", "optimizer", "loader", "rng"), mmap=mmap)
+        ckpt = weights.read_checkpoint(path, keys=("model", "config", "step", "optimizer", "loader", "rng"),
+                                       mmap=mmap)
     except ValueError as e:
         raise TrainError(f"--resume {e}") from e
+    if isinstance(ckpt["step"], bool) or not isinstance(ckpt["step"], int) or ckpt["step"] < 0:
+        raise TrainError(f"--resume {path}: not a train_gpt2.py checkpoint (step {ckpt['step']!r})")
+    return ckpt
 
 
-def load_checkpoint(path, raw_model, optimizer, loader):
-    """Restore everything a checkpoint holds; returns the number of steps it had completed."""
+def checkpoint_to_resume(args, device):
+    """(path, checkpoint dict) to resume from, or (None, None) for a fresh run. Rank 0 finds it,
+    every rank reads it. Refused before anything is written: a checkpoint past --max-steps, a model
+    shape other than the flags ask for (unless --init-from: then the checkpoint's shape is the run's)."""
+    path = on_rank0(lambda: find_checkpoint(args))  # rank 0 writes --log-dir: it decides
+    if not path:
+        return None, None
+    if dist.is_initialized():  # every rank reads the checkpoint rank 0 found
+        seen = torch.tensor(float(os.path.isfile(path)), device=device)
+        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+        if not seen.item():
+            raise TrainError(f"{path}: rank 0 resumes from it, but not every rank can read it; with several "
+                             "nodes, --log-dir must be on a filesystem that all of them share")
     ckpt = read_checkpoint(path)
-    want = dataclasses.asdict(raw_model.config)
+    if ckpt["step"] > args.max_steps:
+        raise TrainError(f"--max-steps {args.max_steps} is below the step of the checkpoint to resume, {path} "
+                         f"(step {ckpt['step']}): nothing to do. Pass --max-steps {ckpt['step']} or more (nothing "
+                         "was changed)")
+    try:
+        ckpt["config"] = weights.config_from_dict(ckpt["config"], path)
+    except ValueError as e:
+        raise TrainError(f"--resume {e}") from e
+    if args.init_from:
+        print0(f"--init-from {args.init_from} is not read: the checkpoint holds every weight")
+        return path, ckpt
+    try:
+        want = requested_config(args)
+    except ValueError as e:
+        raise TrainError(f"model shape: {e}") from e
     if ckpt["config"] != want:
-        shape = lambda c: ", ".join(f"{k}={v}" for k, v in c.items())  # noqa: E731
-        raise TrainError(f"--resume {path}: the checkpoint holds a model with {shape(ckpt['config'])}, but this "
-                         f"run asks for {shape(want)}. Pass the same shape flags, or use another --log-dir")
-    raw_model.load_state_dict(ckpt["model"])
-    # the checkpoint gives the optimizer's state (moments, step counts); this run's flags give its
-    # settings: load_state_dict alone would bring back the old weight decay, and fused=False from a CPU
-    state = ckpt["optimizer"]
-    state["param_groups"] = [{**old, **{k: v for k, v in new.items() if k != "params"}}
-                             for old, new in zip(state["param_groups"], optimizer.state_dict()["param_groups"])]
-    optimizer.load_state_dict(state)
-    loader.load_state_dict(ckpt["loader"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    random.setstate(ckpt["rng"]["python"])
-    if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        shape = lambda c: ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(c).items())  # noqa: E731
+        raise TrainError(f"--resume {path}: the checkpoint holds a model with {shape(ckpt['config'])}, but this run "
+                         f"asks for {shape(want)}. Pass the same shape flags, or use another --log-dir")
+    return path, ckpt
+
+
+def load_checkpoint(path, ckpt, raw_model, optimizer, loader):
+    """Restore everything a checkpoint holds into a model of its shape; returns the steps it had completed."""
+    try:
+        raw_model.load_state_dict(ckpt["model"])
+        # the checkpoint gives the optimizer's state (moments, step counts); this run's flags give its
+        # settings: load_state_dict alone would bring back the old weight decay, and fused=False from a CPU
+        state = ckpt["optimizer"]
+        state["param_groups"] = [{**old, **{k: v for k, v in new.items() if k != "params"}}
+                                 for old, new in zip(state["param_groups"], optimizer.state_dict()["param_groups"])]
+        optimizer.load_state_dict(state)
+        loader.load_state_dict(ckpt["loader"])  # a DataError (other data, seed or batch) passes through
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        random.setstate(ckpt["rng"]["python"])
+        if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+        raise TrainError(f"--resume {path}: not a usable train_gpt2.py checkpoint ({type(e).__name__}: {e})") from e
     return ckpt["step"]
 
 
-def resume(args, raw_model, optimizer, loader, device):
-    """Load the checkpoint to resume from, if any (rank 0 finds it; every rank reads it). Returns the start step."""
-    ckpt = on_rank0(lambda: find_checkpoint(args))  # rank 0 writes --log-dir: it decides
-    if not ckpt:
-        return 0
-    if dist.is_initialized():  # every rank reads the checkpoint rank 0 found
-        seen = torch.tensor(float(os.path.isfile(ckpt)), device=device)
-        dist.all_reduce(seen, op=dist.ReduceOp.MIN)
-        if not seen.item():
-            raise TrainError(f"{ckpt}: rank 0 resumes from it, but not every rank can read it; with several "
-                             "nodes, --log-dir must be on a filesystem that all of them share")
-    start_step = load_checkpoint(ckpt, raw_model, optimizer, loader)
-    print0(f"resumed from {ckpt} at step {start_step}")
-    return start_step
+def prepare_log_dir(args, start_step):
+    """Rank 0, holding the lock, just before the first step: remove a checkpoint save cut short by a
+    kill, and make log.jsonl this run's: a resumed run keeps the records of earlier steps; a fresh
+    run starts a new log and keeps an earlier run's under another name (a log is never deleted).
+    Returns the log's path."""
+    log_path = os.path.join(args.log_dir, "log.jsonl")
+    try:  # the partial file first: it may be what filled the disk
+        for name in os.listdir(args.log_dir):
+            if re.fullmatch(r"ckpt_\d{6,}\.pt\.tmp", name):
+                os.remove(os.path.join(args.log_dir, name))
+        if start_step == 0:
+            keep_earlier_log(log_path)
+        else:
+            trim_log(log_path, start_step)
+    except OSError as e:
+        raise TrainError(f"--log-dir {args.log_dir}: {e}") from e
+    return log_path
+
+
+def keep_earlier_log(path):
+    """A fresh run finds a log.jsonl (its checkpoints were moved away, or it died before the first):
+    rename it to log.jsonl.N, the first free N, and say so."""
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        n = 1
+        while os.path.exists(f"{path}.{n}"):
+            n += 1
+        os.rename(path, f"{path}.{n}")
+        print(f"{path} of an earlier run is kept as {path}.{n}; this run starts a new one", flush=True)
 
 
 def trim_log(path, start_step):
     """log.jsonl is an append log (the walkthrough's log.txt, one JSON record per line); a run starting
-    at step k keeps the records of earlier steps only (and drops a last line cut short by a crash)."""
-    lines = open(path).readlines() if os.path.exists(path) else []
-    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] < start_step]
-    atomic_write(path, lambda f: f.write("".join(kept).encode()))
+    at step k keeps the records of earlier steps only. A last line cut short by a crash is dropped;
+    other lines that are not records (a corrupted disk block) are moved to log.jsonl.bad, with a warning."""
+    lines = open(path, "rb").readlines() if os.path.exists(path) else []
+    kept, bad = [], []
+    for n, line in enumerate(lines, 1):
+        step = record_step(line)
+        if step is None and line.endswith(b"\n"):
+            bad.append(line)
+            print(f"warning: {path} line {n} is not a log record: moved to {path}.bad", flush=True)
+        elif step is not None and step < start_step:
+            kept.append(line)
+    if bad:
+        with open(path + ".bad", "ab") as f:
+            f.write(b"".join(bad))
+    atomic_write(path, lambda f: f.write(b"".join(kept)))
+
+
+def record_step(line):
+    """The step of a complete log line, or None if it is not a record (or was cut short)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # also a UnicodeDecodeError
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and line.endswith(b"\n") else None
 
 
 def append_log(path, **record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """Rank 0 appends one record; the other ranks pass path None."""
+    if path is None:
+        return
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        raise TrainError(f"{path}: cannot append to the log ({e.strerror}); the checkpoints are intact") from e
 
 
 # ---------------------------------------------------------------- the run
 
 
-STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the loop stops at the end of the step
-
-
-def request_stop(signum, frame):
-    # Only a flag: a scheduler may signal torchrun and every worker at once, and torchrun passes its
-    # signal on too, so one preemption can arrive twice; each must still end in a checkpoint.
-    STOP["signal"] = signum
-
-
 def train(args):
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     rank, world_size, device = setup_distributed(args.device)
     master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
@@ -336,11 +672,15 @@ def train(args):
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
+    if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
+        print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
+        return 0
 
     B, T = args.batch_size, args.seq_len
     grad_accum_steps = check_batch_layout(args, world_size)
+    ckpt_path, ckpt = checkpoint_to_resume(args, device)  # (None, None): a fresh run
     torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw_model = build_model(args, device)
+    raw_model = build_model(args, device, ckpt["config"] if ckpt else None)
     config = raw_model.config
     train_shards, val_shards = data_sources(args.data)
     train_loader = DataLoader(train_shards, B, T, rank, world_size, grad_accum_steps, shuffle=True, seed=args.seed,
@@ -349,7 +689,11 @@ def train(args):
                             device=device)
     val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master_process)
-    start_step = resume(args, raw_model, optimizer, train_loader, device)
+    start_step = 0
+    if ckpt:
+        start_step = load_checkpoint(ckpt_path, ckpt, raw_model, optimizer, train_loader)
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt  # the weights now live in the model: free the copy
 
     # The training step runs the compiled model, wrapped in DDP. Val loss reuses the compiled model
     # (same shapes, so one extra graph for no_grad, no recompilation). Sampling and HellaSwag feed
@@ -372,46 +716,26 @@ def train(args):
            f"{args.max_steps * args.total_batch_size:,} tokens")
     print0(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
 
-    log_path = os.path.join(args.log_dir, "log.jsonl")
-    if master_process:
-        os.makedirs(args.log_dir, exist_ok=True)
-        trim_log(log_path, start_step)
-        for partial in glob.glob(os.path.join(glob.escape(args.log_dir), "ckpt_*.pt.tmp")):  # a save cut short
-            os.remove(partial)
-    dt_avg = None
+    log_path = on_rank0(lambda: prepare_log_dir(args, start_step))
+    log_path = log_path if master_process else None  # rank 0 alone logs
+    dt_avg, saved_step = None, start_step
     for step in range(start_step, args.max_steps + 1):
-        last_step = step == args.max_steps
-        if last_step or (args.eval_every and step % args.eval_every == 0):
-            loss = val_loss(compiled, val_loader, val_steps, autocast_dtype)
-            print0(f"step {step:5d} | val loss {loss:.4f}")
-            if master_process:
-                append_log(log_path, step=step, val_loss=loss)
-            if hellaswag_examples:
-                import hellaswag
-
-                result = hellaswag.evaluate(raw_model, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                            autocast_dtype=autocast_dtype)
-                print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
-                       f"({result['correct_norm']}/{result['n']})")
-                if master_process:
-                    append_log(log_path, step=step, hellaswag=result["acc_norm"])
-        if step > 0 and args.num_samples and (last_step or (args.sample_every and step % args.sample_every == 0)):
-            print_samples(raw_model, args, device, rank, autocast_dtype)
-        if last_step:
+        if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
+                         autocast_dtype, log_path):  # a signal came during them
+            if step > saved_step:  # the steps done since the last checkpoint are not lost
+                write_checkpoint(args, step, raw_model, optimizer, train_loader)
+            print0(f"stopped by a signal during the evals at step {step}; continue with --resume auto")
+            return 0
+        if step == args.max_steps:
             break
 
         t0 = time.perf_counter()
         lr = get_lr(step, args)
         loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, args.grad_clip, autocast_dtype)
-        stop = torch.full((), float(STOP["signal"] is not None), device=device)
-        if dist.is_initialized():  # a signal to any one rank stops them all, after the same step
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
-        loss, norm, stop = torch.stack([loss.float(), norm.float(), stop]).tolist()  # the step's one sync
+        # the step's one wait for the device; the stop flag rides along (every rank stops after the same step)
+        loss, norm, stop = torch.stack([loss.float(), norm.float(), stop_flag(device)]).tolist()
         dt = time.perf_counter() - t0
-        if not (math.isfinite(loss) and math.isfinite(norm)):  # every rank sees the same numbers
-            print0(f"error: step {step}: loss {loss}, gradient norm {norm}. Stopping without writing a "
-                   "checkpoint, so the last good one stays the newest; try a lower --lr", file=sys.stderr)
-            return 1
+        check_finite(step, loss, norm, args.log_dir)
         dt_avg = dt if dt_avg is None or step == start_step + 1 else 0.9 * dt_avg + 0.1 * dt  # skip compile
         tok_per_s = args.total_batch_size / dt
         mfu = None if device.type != "cuda" else raw_model.estimate_mfu(tok_per_s / world_size, T,
@@ -420,15 +744,12 @@ def train(args):
         print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
                f" | ETA {eta}")
-        if master_process:
-            append_log(log_path, step=step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
-                       tok_per_s=tok_per_s, mfu=mfu)
+        append_log(log_path, step=step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
+                   tok_per_s=tok_per_s, mfu=mfu)
         done = step + 1
         if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            path = save_checkpoint(args, done, raw_model, optimizer, train_loader) if master_process else None
-            if dist.is_initialized():
-                dist.barrier()  # nobody exits before the checkpoint is on disk
-            print0(f"checkpoint: {path}")
+            write_checkpoint(args, done, raw_model, optimizer, train_loader)
+            saved_step = done
         if stop:
             print0(f"stopped by a signal after step {step}; continue with --resume auto")
             return 0
@@ -541,6 +862,9 @@ def parse_args(argv=None):
                    "at the end and on SIGTERM/SIGINT")
     g.add_argument("--keep-checkpoints", type=integer(1), default=3, help="keep only the newest K checkpoints")
     g.add_argument("--resume", help="'auto': from the newest checkpoint in --log-dir (if any); or a checkpoint file")
+    g.add_argument("--wait-for-lock", action="store_true", help="if another run holds --log-dir, wait until it "
+                   "ends instead of stopping with an error (a requeued job: the preempted one writes its checkpoint "
+                   "first, then --resume auto continues from it)")
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun "
@@ -551,10 +875,21 @@ def parse_args(argv=None):
                    "for training (default: on with CUDA; elsewhere off: it needs a C++ compiler and starts slowly)")
     g.add_argument("--peak-tflops", type=number(0, low_open=True), default=H100_BF16_PEAK_FLOPS / 1e12,
                    help="one device's dense bf16 peak, for MFU (H100/H200 SXM: 989, A100: 312)")
+    g.add_argument("--deterministic", action="store_true", help="PyTorch's deterministic algorithms "
+                   "(torch.use_deterministic_algorithms; CUBLAS_WORKSPACE_CONFIG=:4096:8 unless set). On CUDA some "
+                   "kernels (embedding backward, flash attention backward) are otherwise nondeterministic, so only "
+                   "with it do resumed GPU runs reproduce bit for bit; it may be slower")
     args = p.parse_args(argv)
     if args.preset:  # parse again with the preset as defaults, so that explicit flags still win
         p.set_defaults(**PRESETS[args.preset])
         args = p.parse_args(argv)
+    # AdamW computes lr / (1 - beta1) = 10 lr and lr x weight decay as float32 scalars: past float32's
+    # largest value, optimizer.step() raises an overflow error at the first step
+    if args.lr * max(10, args.weight_decay) > torch.finfo(torch.float32).max:
+        p.error(f"--lr {args.lr:g} with --weight-decay {args.weight_decay:g} overflows AdamW's float32 arithmetic "
+                "(10 x lr and lr x weight decay must stay below 3.4e38): use a far smaller --lr")
+    if args.num_samples and not args.sample_prompt:  # found now, not at the first sample hours later
+        p.error("--sample-prompt is empty: samples continue a prompt of at least one token (or pass --num-samples 0)")
     return args
 
 
@@ -562,17 +897,29 @@ def main(argv=None):
     args = parse_args(argv)
     STOP["signal"] = None
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         return train(args)
     except (TrainError, DataError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+    except Diverged as e:
+        print0(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:  # a signal here, the outcome decided, only sets the flag: the exit status stays
+        unlock_log_dir()
         if dist.is_initialized():
             dist.destroy_process_group()
+        torch.use_deterministic_algorithms(deterministic)
+        for s, handler in handlers.items():  # as they were, for callers in this process (tests)
+            signal.signal(s, handler)
+        pause_point("exit")  # tests signal here
 
 
 if __name__ == "__main__":
+    # The script keeps the stop flag as its handler to the very end (main restores this one): a
+    # second signal while Python shuts down (a preemption often sends two) must not turn exit 0
+    # into a death by SIGTERM.
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, request_stop)
     sys.exit(main())
