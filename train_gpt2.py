@@ -578,11 +578,13 @@ def load_checkpoint(path, ckpt, raw_model, optimizer, loader):
         state["param_groups"] = [{**old, **{k: v for k, v in new.items() if k != "params"}}
                                  for old, new in zip(state["param_groups"], optimizer.state_dict()["param_groups"])]
         optimizer.load_state_dict(state)
-        loader.load_state_dict(ckpt["loader"])  # a DataError (other data, seed or batch) passes through
+        loader.load_state_dict(ckpt["loader"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         random.setstate(ckpt["rng"]["python"])
         if torch.cuda.is_available() and len(ckpt["rng"]["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    except DataError as e:  # the checkpoint's data position does not fit --data, --seed or the batch
+        raise DataError(f"--resume {path}: {e}") from e
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         raise TrainError(f"--resume {path}: not a usable train_gpt2.py checkpoint ({type(e).__name__}: {e})") from e
     return ckpt["step"]

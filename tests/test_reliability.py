@@ -490,7 +490,7 @@ def bad_input(case, tmp_path, good_checkpoint):
     if case == "checkpoint with a broken loader state":
         log_dir.mkdir()
         torch.save({**good_checkpoint, "loader": {"epoch": 0}}, log_dir / "ckpt_000001.pt")
-        return ["--log-dir", str(log_dir), "--resume", "auto"], [str(log_dir / "ckpt_000001.pt"), "not a usable"]
+        return ["--log-dir", str(log_dir), "--resume", "auto"], [f"--resume {log_dir / 'ckpt_000001.pt'}: "]
     raise AssertionError(case)
 
 
