@@ -899,7 +899,7 @@ def main(argv=None):
     args = parse_args(argv)
     STOP["signal"] = None
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    deterministic = torch.are_deterministic_algorithms_enabled()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return train(args)
     except (TrainError, DataError) as e:
@@ -912,7 +912,7 @@ def main(argv=None):
         unlock_log_dir()
         if dist.is_initialized():
             dist.destroy_process_group()
-        torch.use_deterministic_algorithms(deterministic)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # as it was
         for s, handler in handlers.items():  # as they were, for callers in this process (tests)
             signal.signal(s, handler)
         pause_point("exit")  # tests signal here
