@@ -1,5 +1,5 @@
-"""GPT-2, top to bottom: config, attention, MLP, Block, GPT. Parameter names are exactly those of
-Hugging Face's GPT2LMHeadModel, so OpenAI's weights load by name (weights.py loads and exports)."""
+"""GPT-2, top to bottom: config, attention (and its KV cache), MLP, Block, GPT, input checks. Parameter names are
+exactly those of Hugging Face's GPT2LMHeadModel, so OpenAI's weights load by name (weights.py loads and exports)."""
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +57,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if cache is not None:  # generation: earlier positions' keys and values come from the cache
             k, v = cache.append(k, v)  # (B, nh, past + T, hs)
-        # causal: each position sees itself and earlier ones (a single new token sees every key)
+        # causal: each position sees itself and earlier ones; a single new token after the cache sees every key
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side again
         return self.c_proj(y)
@@ -65,12 +65,13 @@ class CausalSelfAttention(nn.Module):
 
 class KVCache:
     """One layer's keys and values so far (the prompt, then one token a step), preallocated: no torch.cat copy."""
-    def __init__(self, block_size):
-        self.block_size, self.length, self.k, self.v = block_size, 0, None, None
+    def __init__(self, capacity):  # positions it can hold: the prompt and the new tokens, at most block_size
+        self.capacity, self.length, self.k, self.v = capacity, 0, None, None
 
     def append(self, k, v):  # k, v: (B, nh, T, hs) of the new positions
         if self.k is None:
-            self.k, self.v = (t.new_empty(*t.shape[:2], self.block_size, t.size(3)) for t in (k, v))
+            self.k, self.v = (t.new_empty(*t.shape[:2], self.capacity, t.size(3)) for t in (k, v))
+        assert self.length == 0 or k.size(2) == 1, "after the prompt, one token a step: is_causal assumes no past"
         n, self.length = self.length, self.length + k.size(2)
         self.k[:, :, n : self.length], self.v[:, :, n : self.length] = k, v
         return self.k[:, :, : self.length], self.v[:, :, : self.length]  # (B, nh, length, hs)
@@ -97,10 +98,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, cache=None, attn_mask=None):
-        # pre-LayerNorm: each branch reads a normalised copy, and adds to a residual stream that is never normalised
+        # pre-LayerNorm: each branch reads a normalised copy, adds to the raw residual stream (ln_f normalises it)
         x = x + self.attn(self.ln_1(x), cache, attn_mask)  # tokens talk to each other
-        x = x + self.mlp(self.ln_2(x))  # each token thinks on its own
-        return x
+        return x + self.mlp(self.ln_2(x))  # each token thinks on its own
 
 
 class GPT(nn.Module):
@@ -127,11 +127,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)  # (nn.LayerNorm already starts at weight 1, bias 0)
 
     def hidden_states(self, idx, kv_cache=None, pos=None, attn_mask=None):
-        """Final LayerNorm output (B, T, C) of ids idx (B, T), and kv_cache (per-layer KVCaches or None). Packed rows
-        (hellaswag.py) give pos (B, T) and attn_mask (B, 1, T, T; True = may attend) instead of the causal default."""
-        if pos is None:  # the positions after the cached ones
-            past = 0 if kv_cache is None else kv_cache[0].length
-            pos = torch.arange(past, past + idx.size(1), device=idx.device)  # (T,)
+        """(final LayerNorm output (B, T, C), kv_cache) of ids idx (B, T); kv_cache: a KVCache per layer, filled in
+        place, or None. Packed rows (hellaswag.py) give pos (B, T) and attn_mask (B, 1, T, T; True = may attend)."""
+        past = 0 if kv_cache is None else kv_cache[0].length  # positions already in the cache
+        pos = torch.arange(past, past + idx.size(1), device=idx.device) if pos is None else pos  # (T,) after the cache
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
             x = block(x, None if kv_cache is None else kv_cache[i], attn_mask)
@@ -149,7 +148,7 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits if return_logits else None), loss
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: the ids it yields stay ordinary tensors, a caller may edit or train on
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
         """Yield max_new_tokens new ids, (B, 1) each, after idx (B, T); temperature 0 = greedy, top_k None = all.
         The KV cache computes the prompt once, then one token a step; use_cache=False recomputes the window."""
@@ -158,8 +157,9 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if cache is not None and cache[0].length < self.config.block_size:
                 h, cache = self.hidden_states(idx[:, -1:], cache)  # only the newest token is new
-            else:  # first step, or the window slid past block_size: (re)compute the last block_size tokens
-                cache = [KVCache(self.config.block_size) for _ in self.transformer.h] if use_cache else None
+            else:  # first step, no cache, or the window slid past block_size: compute the last block_size tokens
+                size = min(idx.size(1) + max_new_tokens, self.config.block_size)  # all this call will ever need
+                cache = [KVCache(size) for _ in self.transformer.h] if use_cache else None
                 h, cache = self.hidden_states(idx[:, -self.config.block_size :], cache)
             logits = self.logits(h[:, -1, :]).float()  # (B, vocab_size): only the last position predicts
             if temperature == 0:
@@ -214,7 +214,7 @@ class GPT(nn.Module):
 
 
 def check_input(idx, config, prompt=False, temperature=0.0, top_k=None):
-    """Input checks at the model's edge. Reading ids would stall a GPU: there only prompts are read."""
+    """Input checks at the edge. Reading ids would stall a GPU (there, prompts only) or split a compiled graph."""
     if idx.dim() != 2 or (prompt and idx.size(1) == 0):
         raise ValueError(f"the input must be a (batch, length >= 1) tensor of ids, got shape {tuple(idx.shape)}")
     if not prompt and idx.size(1) > config.block_size:

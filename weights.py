@@ -11,6 +11,7 @@ and a model card README.md), optionally uploaded to the Hugging Face Hub:
     python weights.py export log/ckpt_019073.pt gpt2-repro --push-to-hub USER/gpt2-repro
 """
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -41,13 +42,13 @@ def from_pretrained(name_or_path, padded_vocab_size=None):
         load_hf_state_dict(model, read_weights(weights_file), source=weights_file)
     elif os.path.isfile(name_or_path):  # a checkpoint written by train_gpt2.py
         ckpt = read_checkpoint(name_or_path, keys=("model", "config"))
-        config = dict(ckpt["config"])
-        if padded_vocab_size is not None:
-            config["padded_vocab_size"] = padded_vocab_size
-        model = GPT(config_from_dict(config, name_or_path))
+        config = config_from_dict(ckpt["config"], name_or_path)
+        if padded_vocab_size is not None:  # another padding than the checkpoint's (0: none)
+            config = dataclasses.replace(config, padded_vocab_size=padded_vocab_size)
+        model = GPT(config)
         copy_weights(model, ckpt["model"], source=name_or_path)
     elif os.path.isdir(name_or_path):
-        model = GPT(config_from_hf_dir(name_or_path, padded_vocab_size or 0))
+        model = GPT(dataclasses.replace(config_from_hf_dir(name_or_path), padded_vocab_size=padded_vocab_size or 0))
         weights_file = weights_file_in(name_or_path)
         load_hf_state_dict(model, read_weights(weights_file), source=weights_file)
     else:
@@ -72,18 +73,21 @@ def read_checkpoint(path, keys=("model", "config", "step"), mmap=False):
     return ckpt
 
 
-def config_from_dict(config, source):
+def config_from_dict(config, source, kind="train_gpt2.py checkpoint"):
     """GPTConfig(**config), or a ValueError naming the source: unknown fields, values that are not
     positive integers, a width that the heads do not divide."""
     if not isinstance(config, dict):
         raise ValueError(f"{source}: the model config is a {type(config).__name__}, not a dict")
+    missing = [k for k in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd") if k not in config]
+    if missing:  # GPTConfig's defaults (124M) would stand in for them, and the weights then fail to fit
+        raise ValueError(f"{source}: the model config lacks {', '.join(missing)}")
     for key, value in config.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < (key != "padded_vocab_size"):
             raise ValueError(f"{source}: {key}={value!r} is not a positive integer")
     try:
         return GPTConfig(**config)
     except (TypeError, ValueError) as e:  # a field this version does not know; n_embd % n_head != 0 ...
-        raise ValueError(f"{source}: not a train_gpt2.py checkpoint ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{source}: not a {kind} ({type(e).__name__}: {e})") from e
 
 
 def config_from_hf_dir(directory, padded_vocab_size=0):
@@ -95,7 +99,7 @@ def config_from_hf_dir(directory, padded_vocab_size=0):
         shape = dict(block_size=c["n_positions"], **{k: c[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")})
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a usable GPT-2 config.json ({e!r})") from e
-    config = config_from_dict({**shape, "padded_vocab_size": padded_vocab_size}, path)
+    config = config_from_dict({**shape, "padded_vocab_size": padded_vocab_size}, path, kind="usable GPT-2 config.json")
     # settings that HF's GPT-2 supports and this model does not: loading would silently compute
     # something else, so refuse by name (the values here are GPT-2's own)
     gpt2 = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import model as model_module
 import weights
-from model import EOT, GPT, GPTConfig
+from model import EOT, GPT, GPTConfig, KVCache
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64)
 
@@ -227,3 +228,53 @@ def test_generate_rejects_bad_arguments():
     with pytest.raises(ValueError, match="top_k must be >= 1"):
         m.generate(ok, 3, top_k=0)
     assert torch.equal(m.generate(ok, 0), ok)
+
+
+# ---------------------------------------------------------------- the KV cache and generate_stream
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64)).eval()
+    m = GPT(GPTConfig(block_size=64, n_layer=2, n_head=4, n_embd=64))
+    weights.load_hf_state_dict(m, hf.state_dict())
+    return m.eval()
+
+
+def test_generate_stream_yields_ordinary_tensors(tiny):
+    """A caller may edit the ids it is given, or train on them (torch.inference_mode would forbid both)."""
+    prompt = torch.randint(0, 50257, (2, 5), generator=torch.Generator().manual_seed(0))
+    ids = list(tiny.generate_stream(prompt, 3, temperature=0))
+    ids[0][0, 0] = 11  # e.g. a caller that forces a token
+    _, loss = tiny(ids[1], ids[2])
+    loss.backward()
+    tiny.zero_grad(set_to_none=True)
+
+
+def test_kv_cache_takes_one_token_a_step_after_the_prompt(tiny):
+    """is_causal aligns the causal mask top-left: several new tokens after cached ones would each see
+    too few keys, silently. The cache refuses that call instead of computing wrong numbers."""
+    x = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+    cache = [KVCache(64) for _ in tiny.transformer.h]
+    with torch.no_grad():
+        full, _ = tiny.hidden_states(x)
+        tiny.hidden_states(x[:, :8], cache)
+        steps = [tiny.hidden_states(x[:, i : i + 1], cache)[0] for i in range(8, 12)]
+        assert (torch.cat(steps, 1) - full[:, 8:]).abs().max() < 1e-5
+        with pytest.raises(AssertionError, match="one token a step"):
+            tiny.hidden_states(x[:, 8:], cache)
+
+
+def test_kv_cache_holds_only_what_the_call_needs(tiny, monkeypatch):
+    made = []
+
+    class Recording(KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(model_module, "KVCache", Recording)
+    prompt = torch.randint(0, 50257, (1, 8), generator=torch.Generator().manual_seed(2))
+    tiny.generate(prompt, 10, temperature=0)
+    assert {c.k.size(2) for c in made} == {18}  # 8 + 10 positions, not block_size 64

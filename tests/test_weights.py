@@ -2,6 +2,7 @@
 the export that transformers loads, and clear errors for files this GPT-2 cannot use."""
 import json
 import os
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -209,3 +210,31 @@ def test_train_checkpoint_loads_at_another_padding(tmp_path):
         assert torch.equal(back.transformer.wte.weight[:50257], m.transformer.wte.weight[:50257])
         assert torch.all(back.transformer.wte.weight[50257:] == 0)
         assert torch.equal(back(idx)[0], m(idx)[0])
+
+
+def test_checkpoint_whose_config_is_not_a_dict_names_the_file(tmp_path):
+    m = GPT(GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16))
+    for bad in ([1, 2], 5, "gpt2"):
+        torch.save({"model": m.state_dict(), "config": bad}, tmp_path / "bad.pt")
+        for padded in (None, 50304):
+            with pytest.raises(ValueError, match=r"bad.pt: the model config is a (list|int|str), not a dict"):
+                GPT.from_pretrained(str(tmp_path / "bad.pt"), padded_vocab_size=padded)
+
+
+def test_padding_and_hf_config_errors_blame_the_right_thing(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16)).save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"^padded_vocab_size 100 < vocab_size 50257$"):
+        GPT.from_pretrained(str(tmp_path / "hf"), padded_vocab_size=100)
+    cfg = (tmp_path / "hf" / "config.json").read_text().replace('"n_head": 2', '"n_head": 3')
+    (tmp_path / "hf" / "config.json").write_text(cfg)
+    with pytest.raises(ValueError, match=r"config.json: not a usable GPT-2 config.json \(ValueError: n_embd 16 is not"):
+        GPT.from_pretrained(str(tmp_path / "hf"))
+
+
+def test_checkpoint_config_missing_a_shape_field_says_so(tmp_path):
+    cfg = GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=16)
+    m = GPT(cfg)
+    torch.save({"model": m.state_dict(), "config": {k: v for k, v in asdict(cfg).items() if k != "n_embd"}},
+               tmp_path / "old.pt")
+    with pytest.raises(ValueError, match=r"old.pt: the model config lacks n_embd"):
+        GPT.from_pretrained(str(tmp_path / "old.pt"))
