@@ -23,14 +23,10 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import fcntl
-import json
 import math
 import os
 import random
-import re
 import signal
-import socket
 import sys
 import time
 
@@ -38,10 +34,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import logdir
 import weights
 from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
+from logdir import LogDirError, append_log, checkpoint_step, checkpoints, newest_checkpoint
 from model import GPT, H100_BF16_PEAK_FLOPS, OPENAI_SIZES, config_for
-from utils import atomic_write, pause_point
+from utils import pause_point
 
 
 class TrainError(Exception):
@@ -319,12 +317,10 @@ def stop_requested(device):
 
 
 # ---------------------------------------------------------------- checkpoints and log
-# Everything in --log-dir: the lock, the checkpoints ckpt_NNNNNN.pt and log.jsonl. Rank 0 alone
-# writes there; it takes the lock before it reads or touches anything else in it.
+# What a checkpoint holds and when one is written or resumed. logdir.py keeps the files themselves
+# safe (the lock, atomic writes, pruning, log.jsonl); rank 0 alone writes to --log-dir.
 
 
-# rank 0's open --log-dir/.lock while it holds it (closing it releases it), and the directories it made
-LOCK = {"fd": None, "path": None, "made": []}
 
 
 def lock_log_dir(args, device):
@@ -335,7 +331,7 @@ def lock_log_dir(args, device):
     together (rank 0 looks once a second and tells the others). False if a signal came while waiting."""
     waiting = False
     while True:
-        holder = on_rank0(lambda: try_lock(args.log_dir))  # None: locked
+        holder = on_rank0(lambda: logdir.try_lock(args.log_dir))  # None: locked
         if holder is None:
             return True
         if not args.wait_for_lock:
@@ -350,107 +346,6 @@ def lock_log_dir(args, device):
         time.sleep(1)
 
 
-def try_lock(log_dir):
-    """Rank 0: flock log_dir/.lock, write "host H, pid P" in it, and keep it open in LOCK. Returns
-    None, or who holds it. The kernel releases a flock when its process dies, however it dies (kill
-    -9 too), so a lock is never stale. flock works across machines on NFS (v4, or v3 with lockd) and
-    on Lustre mounted with -o flock; with NFS -o nolock or Lustre -o localflock it only sees runs on
-    the same machine; where flock fails (Lustre with -o noflock) the run warns and goes on unlocked."""
-    path = os.path.join(log_dir, ".lock")
-    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
-        raise TrainError(f"--log-dir {log_dir} is a file, not a directory")
-    made = missing_dirs(log_dir)
-    while True:
-        try:
-            os.makedirs(log_dir, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise TrainError(f"--log-dir {log_dir}: cannot write there ({e.strerror}: {e.filename}); "
-                             "give a directory this run can write to") from e
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process holds it
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            return holder or "it has not written its host and pid yet"
-        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: this filesystem has no flock
-            os.close(fd)
-            os.remove(path)
-            print(f"warning: cannot lock --log-dir {log_dir} ({e.strerror}): this filesystem does not support "
-                  "flock, so a second run in it at the same time would not be refused", flush=True)
-            return None
-        # unlock_log_dir removes the file before it releases the lock: if that happened between our
-        # open and our flock, we locked a file that no longer has the name, so try again
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode())
-    LOCK.update(fd=fd, path=path, made=made)
-    return None
-
-
-def missing_dirs(path):
-    """The directories that os.makedirs(path) would make, deepest first."""
-    path, missing = os.path.abspath(path), []
-    while not os.path.exists(path):
-        missing.append(path)
-        path = os.path.dirname(path)
-    return missing
-
-
-def unlock_log_dir():
-    """Remove the lock file, then release the lock by closing it (try_lock checks for this order).
-    A run that stopped before writing anything (bad data, say) leaves no empty directory behind."""
-    fd, path, made = LOCK["fd"], LOCK["path"], LOCK["made"]
-    LOCK.update(fd=None, path=None, made=[])
-    if fd is not None:
-        with contextlib.suppress(OSError):  # already gone with its directory, say
-            os.remove(path)
-        os.close(fd)
-        for directory in made:  # deepest first; one that is not empty stays, and so do its parents
-            try:
-                os.rmdir(directory)
-            except OSError:
-                break
-
-
-def checkpoints(log_dir):
-    """This script's checkpoints in log_dir (ckpt_NNNNNN.pt), oldest first; other files are ignored.
-    os.listdir, not glob: a --log-dir like runs/exp[1] is a name, never a pattern."""
-    names = os.listdir(log_dir) if os.path.isdir(log_dir) else []
-    found = [os.path.join(log_dir, n) for n in names if re.fullmatch(r"ckpt_\d{6,}\.pt", n)]  # not ckpt_best.pt
-    return sorted(found, key=checkpoint_step)
-
-
-def checkpoint_step(path):
-    return int(os.path.basename(path)[len("ckpt_"):-len(".pt")])
-
-
-def newest_checkpoint(log_dir):
-    """Words for an error message: which checkpoint a run that stops now leaves as the newest."""
-    found = checkpoints(log_dir)
-    return f"the newest one, {found[-1]}, is still good" if found else f"none was written in {log_dir} yet"
-
-
-def storage_bytes(obj, seen=None):
-    """Bytes of the tensor storages in a nested dict/list, each shared storage once (the tied
-    wte/lm_head weight): about the size torch.save writes."""
-    seen = {} if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        seen[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            storage_bytes(v, seen)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            storage_bytes(v, seen)
-    return sum(seen.values())
-
-
 def save_checkpoint(args, step, raw_model, optimizer, loader):
     """Rank 0: write ckpt_{step}.pt, then prune to the newest --keep-checkpoints. A full disk is a
     TrainError naming the directory and the space needed; the partial file is removed and the
@@ -461,10 +356,8 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
     pause_point("checkpoint")  # tests act here, just before the write
-    try:  # a crash mid-write never leaves a broken file under the real name
-        atomic_write(path, lambda f: torch.save(ckpt, f), size_hint=storage_bytes(ckpt))
-        for old in checkpoints(args.log_dir)[:-args.keep_checkpoints]:
-            os.remove(old)
+    try:
+        logdir.save(path, ckpt, keep=args.keep_checkpoints)
     except OSError as e:
         raise TrainError(f"checkpoint at step {step}: {e}") from e
     return path
@@ -597,67 +490,14 @@ def prepare_log_dir(args, start_step):
     Returns the log's path."""
     log_path = os.path.join(args.log_dir, "log.jsonl")
     try:  # the partial file first: it may be what filled the disk
-        for name in os.listdir(args.log_dir):
-            if re.fullmatch(r"ckpt_\d{6,}\.pt\.tmp", name):
-                os.remove(os.path.join(args.log_dir, name))
+        logdir.remove_partial_checkpoints(args.log_dir)
         if start_step == 0:
-            keep_earlier_log(log_path)
+            logdir.keep_earlier_log(log_path)
         else:
-            trim_log(log_path, start_step)
+            logdir.trim_log(log_path, start_step)
     except OSError as e:
         raise TrainError(f"--log-dir {args.log_dir}: {e}") from e
     return log_path
-
-
-def keep_earlier_log(path):
-    """A fresh run finds a log.jsonl (its checkpoints were moved away, or it died before the first):
-    rename it to log.jsonl.N, the first free N, and say so."""
-    if os.path.exists(path) and os.path.getsize(path) > 0:
-        n = 1
-        while os.path.exists(f"{path}.{n}"):
-            n += 1
-        os.rename(path, f"{path}.{n}")
-        print(f"{path} of an earlier run is kept as {path}.{n}; this run starts a new one", flush=True)
-
-
-def trim_log(path, start_step):
-    """log.jsonl is an append log (the walkthrough's log.txt, one JSON record per line); a run starting
-    at step k keeps the records of earlier steps only. A last line cut short by a crash is dropped;
-    other lines that are not records (a corrupted disk block) are moved to log.jsonl.bad, with a warning."""
-    lines = open(path, "rb").readlines() if os.path.exists(path) else []
-    kept, bad = [], []
-    for n, line in enumerate(lines, 1):
-        step = record_step(line)
-        if step is None and line.endswith(b"\n"):
-            bad.append(line)
-            print(f"warning: {path} line {n} is not a log record: moved to {path}.bad", flush=True)
-        elif step is not None and step < start_step:
-            kept.append(line)
-    if bad:
-        with open(path + ".bad", "ab") as f:
-            f.write(b"".join(bad))
-    atomic_write(path, lambda f: f.write(b"".join(kept)))
-
-
-def record_step(line):
-    """The step of a complete log line, or None if it is not a record (or was cut short)."""
-    try:
-        record = json.loads(line)
-    except ValueError:  # also a UnicodeDecodeError
-        return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) and not isinstance(step, bool) and line.endswith(b"\n") else None
-
-
-def append_log(path, **record):
-    """Rank 0 appends one record; the other ranks pass path None."""
-    if path is None:
-        return
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-    except OSError as e:
-        raise TrainError(f"{path}: cannot append to the log ({e.strerror}); the checkpoints are intact") from e
 
 
 # ---------------------------------------------------------------- the run
@@ -902,14 +742,14 @@ def main(argv=None):
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         return train(args)
-    except (TrainError, DataError) as e:
+    except (TrainError, DataError, LogDirError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except Diverged as e:
         print0(f"error: {e}", file=sys.stderr)
         return 1
     finally:  # a signal here, the outcome decided, only sets the flag: the exit status stays
-        unlock_log_dir()
+        logdir.unlock_log_dir()
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # as it was

@@ -279,7 +279,7 @@ def test_an_ending_longer_than_the_block_is_an_error_naming_its_line(tmp_path):
     assert load_examples(data_file=write_jsonl(tmp_path / "fits.jsonl", [fits]), block_size=BLOCK_SIZE) == [fits]
     path = write_jsonl(tmp_path / "long.jsonl", [fits, "", too_long])
     assert load_examples(data_file=path) == [fits, too_long]  # no model, no limit
-    with pytest.raises(ValueError, match=f"long.jsonl, line 3: ending 2 is 48 tokens long, .*block size of 48"):
+    with pytest.raises(ValueError, match="long.jsonl, line 3: ending 2 is 48 tokens long, .*block size of 48"):
         load_examples(data_file=path, block_size=BLOCK_SIZE)
 
 

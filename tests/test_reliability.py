@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import logdir
 import train_gpt2 as tg
 from conftest import ROOT, write_shards
 
@@ -217,7 +218,7 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(shards, tmp_pat
     def no_flock(fd, operation):
         raise OSError(38, "Function not implemented")
 
-    monkeypatch.setattr(tg.fcntl, "flock", no_flock)
+    monkeypatch.setattr(logdir.fcntl, "flock", no_flock)
     code, out, err = run([*TINY, "--data", shards, "--max-steps", "1", "--log-dir", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert f"warning: cannot lock --log-dir {tmp_path / 'run'} (Function not implemented)" in out
