@@ -278,8 +278,9 @@ def _score_batch(model, batch, device):
     return summed, summed / lengths
 
 
-def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, progress=False):
-    """(summed, mean) loss of every ending, float32 CPU tensors (len(examples), 4), in input order."""
+def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, progress=False, should_stop=None):
+    """(summed, mean) loss of every ending, float32 CPU tensors (len(examples), 4), in input order;
+    None if should_stop() (looked at before each batch) turns true: the rest is not scored."""
     if model.config.vocab_size < gpt2_tokenizer().n_vocab:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than GPT-2's tokenizer's")
     encoded = [encode_example(ex, model.config.block_size) for ex in examples]
@@ -288,6 +289,8 @@ def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, 
     with inference(model, device, autocast_dtype), tqdm(total=len(examples), disable=not progress,
                                                         desc="hellaswag", unit="ex") as bar:
         for indices in _batches(encoded, batch_size):
+            if should_stop is not None and should_stop():
+                return None
             batch_summed, batch_mean = _score_batch(model, [encoded[i] for i in indices], device)
             summed[indices], mean[indices] = batch_summed.cpu(), batch_mean.cpu()
             bar.update(len(indices))
@@ -295,21 +298,30 @@ def score_examples(model, examples, device, batch_size=32, autocast_dtype=None, 
 
 
 def evaluate(model, examples, device, batch_size=32, rank=0, world_size=1, autocast_dtype=None,
-             progress=False, return_predictions=False):
+             progress=False, return_predictions=False, should_stop=None):
     """acc and acc_norm of model on examples; rank r scores examples[r::world_size] and, under
     torch.distributed, the counts of all ranks are summed. With return_predictions, the result also
-    has "predictions": (index, pred, pred_norm) for each example this rank scored."""
+    has "predictions": (index, pred, pred_norm) for each example this rank scored. should_stop: this
+    rank's own flag (no collective per batch: ranks score different numbers of batches), looked at
+    before each batch; if it turns true on any rank, every rank returns None (the flag travels in
+    the one all_reduce of the counts)."""
     if not examples:
         raise ValueError("no examples to evaluate")
     mine = range(rank, len(examples), world_size)  # indices of this rank's share
-    summed, mean = score_examples(model, [examples[i] for i in mine], device, batch_size, autocast_dtype,
-                                  progress and rank == 0)
-    labels = torch.tensor([examples[i]["label"] for i in mine], dtype=torch.long)
-    pred, pred_norm = summed.argmin(dim=1), mean.argmin(dim=1)  # ties: the first, as in the plain loop
-    counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum()], device=device)
+    scores = score_examples(model, [examples[i] for i in mine], device, batch_size, autocast_dtype,
+                            progress and rank == 0, should_stop)
+    if scores is None:  # stopped: count nothing, tell the other ranks
+        counts = torch.tensor([0, 0, 0, 1], device=device)
+    else:
+        summed, mean = scores
+        labels = torch.tensor([examples[i]["label"] for i in mine], dtype=torch.long)
+        pred, pred_norm = summed.argmin(dim=1), mean.argmin(dim=1)  # ties: the first, as in the plain loop
+        counts = torch.tensor([len(mine), (pred == labels).sum(), (pred_norm == labels).sum(), 0], device=device)
     if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts)
-    n, correct, correct_norm = counts.tolist()
+    n, correct, correct_norm, stopped = counts.tolist()
+    if stopped:
+        return None
     acc, acc_norm = (correct / n, correct_norm / n) if n else (math.nan, math.nan)  # a rank with no examples
     result = dict(n=n, correct=correct, correct_norm=correct_norm, acc=acc, acc_norm=acc_norm)
     if return_predictions:

@@ -211,10 +211,10 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
             import hellaswag
 
             pause_point("hellaswag")  # tests signal here
-            if stop_requested(device):  # hellaswag.evaluate cannot stop midway: look before it starts
-                return False
             result = hellaswag.evaluate(raw_model, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                        autocast_dtype=autocast_dtype)
+                                        autocast_dtype=autocast_dtype, should_stop=signalled)
+            if result is None:  # a signal came: checked before every HellaSwag batch
+                return False
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"({result['correct_norm']}/{result['n']})")
             append_log(log_path, step=step, hellaswag=result["acc_norm"])

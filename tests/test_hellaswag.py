@@ -198,6 +198,19 @@ def test_evaluate_counts_match_reference_and_restore_training_mode(ours, example
     assert [p for _, p, _ in r["predictions"]] == reference[0].argmin(1).tolist()
 
 
+def test_evaluate_stops_before_the_next_batch_when_asked(ours, examples, monkeypatch):
+    """train_gpt2.py passes should_stop (a SIGTERM flag): one batch is scored after it turns true at most."""
+    import hellaswag
+
+    scored, real = [], hellaswag._score_batch
+    monkeypatch.setattr(hellaswag, "_score_batch", lambda *a: scored.append(1) or real(*a))
+    looks = []
+    stop_after_two_batches = lambda: looks.append(1) or len(scored) >= 2  # noqa: E731
+    assert evaluate(ours, examples, "cpu", batch_size=5, should_stop=stop_after_two_batches) is None
+    assert len(scored) == 2 and len(looks) == 3  # looked before each batch; the third was never scored
+    assert evaluate(ours, examples, "cpu", batch_size=5, should_stop=lambda: False)["n"] == len(examples)
+
+
 def test_batch_size_does_not_change_any_example(ours, examples):
     one = score_examples(ours, examples, "cpu", batch_size=1)
     for batch_size in (3, 64):
