@@ -180,33 +180,32 @@ def main(argv=None):
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # events, synchronize and memory stats use the current device
         torch.set_float32_matmul_precision("high")  # as train_gpt2.py does
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    gpu = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
+           if device.type == "cuda" else "CPU")
     print(f"torch {torch.__version__} on {gpu}; model {args.shape}, T={args.seq_len}, "
           f"{args.total_batch_size:,} tokens per step")
 
-    rows = []
+    # peak memory: everything allocated on the GPU at the busiest moment (weights, optimizer state, the
+    # step); step memory: the most one step allocated beyond what was there when it began (on a CPU,
+    # from the profiler's memory events: see cpu_step_memory). A row appears as soon as its variant is
+    # done, so a run cut short (a time limit) still leaves the rows it finished.
+    print("\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory | step memory | syncs in step |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for name in args.variants.split(","):
-        rows.append(run_variant(name, args, device))
-        r = rows[-1]
-        print(f"  {name}: " + (r["error"] if "error" in r else f"{r['ms']:.1f} ms/step"), flush=True)
+        print(table_row(run_variant(name, args, device)), flush=True)
         torch._dynamo.reset()  # each variant compiles afresh
         gc.collect()  # a failed variant's tensors may sit in reference cycles (its exception's frames)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # peak memory: everything allocated on the GPU at the busiest moment (weights, optimizer state, the
-    # step); step memory: the most one step allocated beyond what was there when it began (on a CPU,
-    # from the profiler's memory events: see cpu_step_memory)
-    print("\n| variant | micro-batch x accum | ms/step | tokens/s | MFU | peak memory | step memory | syncs in step |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['name']} | | unavailable: {r['error']} | | | | | |")
-            continue
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        mem = f"{r['mem']:.1f} GiB" if r["mem"] is not None else "-"
-        print(f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} | "
-              f"{r['step_mem']:.3f} GiB | {r['syncs']} |")
+
+def table_row(r):
+    if "error" in r:
+        return f"| {r['name']} | | unavailable: {r['error']} | | | | | |"
+    mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+    mem = f"{r['mem']:.1f} GiB" if r["mem"] is not None else "-"
+    return (f"| {r['name']} | {r['B']} x {r['accum']} | {r['ms']:.1f} | {r['tok_per_s']:,.0f} | {mfu} | {mem} | "
+            f"{r['step_mem']:.3f} GiB | {r['syncs']} |")
 
 
 if __name__ == "__main__":

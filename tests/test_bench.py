@@ -153,9 +153,10 @@ def test_bench_measures_the_memory_the_loss_only_forward_saves():
     train_step's `_`; compiled as a graph output, plus the zero gradient AOTAutograd makes for it."""
     B, T = 8, 64
     logits_gib = B * T * 50304 * 4 / 2**30  # 0.096 GiB
-    out = subprocess.run([sys.executable, "bench.py", "--tiny", "--variants", "eager,eager-logits,compile,compile-logits",
-                          "--total-batch-size", str(B * T), "--steps", "1", "--warmup", "1"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    variants = "eager,eager-logits,compile,compile-logits"
+    out = subprocess.run([sys.executable, "bench.py", "--tiny", "--variants", variants, "--total-batch-size",
+                          str(B * T), "--steps", "1", "--warmup", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     header = next(line for line in out.stdout.splitlines() if line.startswith("| variant |"))
     column = [c.strip() for c in header.split("|")].index("step memory")
