@@ -298,7 +298,8 @@ def test_two_processes_on_one_gpu_match_one_process_with_twice_the_accumulation(
     wrapper.write_text(ONE_GPU_WRAPPER.format(root=ROOT))
     common = [*TINY, "--data", markov_shards, "--max-steps", "6", "--warmup-steps", "2", "--total-batch-size", "128",
               "--dtype", "float32", "--no-compile"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gloo over the loopback interface: both ranks are on this machine, whatever its hostname resolves to
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     runs = {"ddp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper)],
             "one": [sys.executable, str(wrapper)]}
     for name, cmd in runs.items():
