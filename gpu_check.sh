@@ -2,9 +2,10 @@
 # The first hour on a new GPU machine, in one command: the versions, the GPU test suite
 # (tests/test_gpu.py), then bench.py's 124M training step in the variants that matter most.
 #
-#   bash gpu_check.sh            # all of it (about 10-15 minutes on one H100, compiles included)
-#   bash gpu_check.sh tests      # the versions and the GPU tests only (a few minutes)
-#   bash gpu_check.sh bench      # the versions and bench.py only (under 10 minutes)
+#   bash gpu_check.sh            # all of it (estimated 10-15 minutes on one H100, compiles included)
+#   bash gpu_check.sh tests      # the versions and the GPU tests only (estimated 5-7 minutes)
+#   bash gpu_check.sh bench      # the versions and bench.py only (estimated 6-9 minutes)
+# (estimates, not yet measured: with a 10-minute limit per command, run `tests`, then `bench`)
 #   bash gpu_check.sh prepare    # where ../shared is (a developer's machine): copy the tokenizer cache
 #                                # and Tiny Shakespeare into the checkout, for an offline GPU machine
 #
