@@ -5,10 +5,10 @@
 #   bash gpu_check.sh            # all of it (estimated 10-15 minutes on one H100, compiles included)
 #   bash gpu_check.sh tests      # the versions and the GPU tests only (estimated 5-7 minutes)
 #   bash gpu_check.sh bench      # the versions and bench.py only (estimated 6-9 minutes)
-# (estimates, not yet measured: with a 10-minute limit per command, run `tests`, then `bench`)
 #   bash gpu_check.sh prepare    # where ../shared is (a developer's machine): copy the tokenizer cache
 #                                # and Tiny Shakespeare into the checkout, for an offline GPU machine
 #
+# The times are estimates, not yet measured: with a 10-minute limit per command, run `tests`, then `bench`.
 # Offline: tiktoken reads its GPT-2 files from .tiktoken_cache/ in the checkout when that exists
 # (git-ignored; `prepare` fills it), and the tests need Tiny Shakespeare as input.txt (or
 # ../shared/data/input.txt). Results go to $OUT when it is set, else to log/gpu_check/:
