@@ -5,6 +5,7 @@
     python train_gpt2.py                                     # the same run on one device
     python train_gpt2.py --preset shakespeare                # a first run: tiny model, Tiny Shakespeare, any CPU
     python train_gpt2.py --resume auto                       # continue from the newest checkpoint in --log-dir
+    python train_gpt2.py --eval-only --init-from gpt2        # val loss and HellaSwag of a model, no training
 
 The recipe (GPT-3 paper, table 2.1, "Small"): AdamW(0.9, 0.95, eps 1e-8), weight decay 0.1 on
 matrices only, gradients clipped to norm 1.0, 0.5M-token batches, learning rate 6e-4 warmed up
@@ -13,16 +14,19 @@ linearly over 715 steps, then a cosine down to 10% at step 19,073. Each optimize
 tokens, and DDP averages the gradients across ranks once per step. Every --eval-every steps: val
 loss, HellaSwag accuracy and a few samples. A checkpoint holds everything needed to continue exactly
 where the run stopped; SIGTERM or Ctrl-C finishes the current step (or eval batch) and writes one.
-One run at a time uses a --log-dir: it holds a lock on it from start to exit.
+One run at a time uses a --log-dir: it holds a lock on it from start to exit. log.jsonl there is the
+run's record; with --wandb-project, Weights & Biases gets the same records too.
 
 Reading order: get_lr (the schedule) -> dataloader.py (the data) -> train_step, val_loss (one step,
 one eval) -> train() (the run, top to bottom) -> the command line at the end. Checkpoints, the log
-and distributed plumbing sit in between; model.py holds the GPT itself.
+(and Weights & Biases) and distributed plumbing sit in between; eval_only() (--eval-only) follows
+train(); model.py holds the GPT itself.
 """
 import argparse
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import math
 import os
 import random
@@ -153,8 +157,8 @@ def val_loss(model, loader, steps, autocast_dtype=None, should_stop=lambda: Fals
 
 
 def print_samples(model, args, device, rank, autocast_dtype=None, should_stop=lambda: False):
-    """Print --num-samples continuations of --sample-prompt; False (having printed nothing) if
-    should_stop() turned true between tokens."""
+    """Print --num-samples continuations of --sample-prompt and return their texts; None (having
+    printed nothing) if should_stop() turned true between tokens."""
     import tiktoken
 
     enc = tiktoken.get_encoding("gpt2")
@@ -166,10 +170,11 @@ def print_samples(model, args, device, rank, autocast_dtype=None, should_stop=la
             tokens.append(next_id)
             pause_point("sample_token")  # tests signal here, after a token
             if should_stop():
-                return False
-    for i, row in enumerate(torch.cat(tokens, dim=1).tolist()):
-        print(f"rank {rank} sample {i}: {enc.decode(row)}", flush=True)
-    return True
+                return None
+    texts = [enc.decode(row) for row in torch.cat(tokens, dim=1).tolist()]
+    for i, text in enumerate(texts):
+        print(f"rank {rank} sample {i}: {text}", flush=True)
+    return texts
 
 
 def load_hellaswag(args, block_size):
@@ -206,7 +211,7 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
         if loss is None:
             return False
         print0(f"step {step:5d} | val loss {loss:.4f}")
-        append_log(log_path, step=step, val_loss=loss)
+        log(log_path, step, val_loss=loss)
         if hellaswag_examples:
             import hellaswag
 
@@ -217,9 +222,11 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
                 return False
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"({result['correct_norm']}/{result['n']})")
-            append_log(log_path, step=step, hellaswag=result["acc_norm"])
+            log(log_path, step, hellaswag=result["acc_norm"])
     if samples_due:
-        print_samples(raw_model, args, device, rank, autocast_dtype, should_stop=signalled)
+        samples = print_samples(raw_model, args, device, rank, autocast_dtype, should_stop=signalled)
+        if samples:
+            log_samples_to_wandb(step, samples)
     return not stop_requested(device)  # every rank here: all of them agree
 
 
@@ -354,6 +361,8 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                 optimizer=optimizer.state_dict(), step=step, loader=loader.state_dict(), args=vars(args),
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
+    if WANDB["run"] is not None:  # a resume continues this wandb run
+        ckpt["wandb_id"] = WANDB["run"].id
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
     pause_point("checkpoint")  # tests act here, just before the write
     try:
@@ -500,23 +509,109 @@ def prepare_log_dir(args, start_step):
     return log_path
 
 
+def log(log_path, step, **values):
+    """One record of the run: appended to log.jsonl (the source of truth, which play.ipynb plots) and,
+    with --wandb-project, added to the step's wandb row. Rank 0 logs; the others pass log_path None."""
+    append_log(log_path, step=step, **values)
+    add_to_wandb_row(step, values)
+
+
+# ---------------------------------------------------------------- Weights & Biases (--wandb-project)
+# Optional: wandb is imported only when asked for. Rank 0 sends every log.jsonl record, the samples,
+# and the run's config; a checkpoint stores the run's id, so a resumed run continues the same curves.
+
+WANDB = {"run": None, "row": {}, "first_step": 0}  # rank 0's wandb run; the current step's values so far
+
+
+def start_wandb(args, raw_model, world_size, run_id=None):
+    """Rank 0 with --wandb-project: start a wandb run, or continue the checkpoint's run_id. Its config:
+    every flag, the model's shape and size, the world size, the torch version."""
+    if not args.wandb_project:
+        return
+    import wandb  # parse_args checked that it is installed
+
+    config = {**vars(args), "model_config": dataclasses.asdict(raw_model.config),
+              "num_params": raw_model.num_params(), "world_size": world_size, "torch_version": torch.__version__}
+    try:
+        run = wandb.init(project=args.wandb_project, name=args.wandb_run_name, id=run_id, resume="allow",
+                         config=config)
+    except Exception as e:  # not logged in, no network, ...: wandb has many error types
+        raise TrainError(f"--wandb-project {args.wandb_project}: wandb did not start ({type(e).__name__}: {e}); "
+                         "run `wandb login`, or set WANDB_MODE=offline (and `wandb sync` later)") from e
+    # A resumed wandb run goes on after the last step it holds (online; offline it starts at 0, and
+    # `wandb sync` uploads the pieces in order). Steps that a crash made this run redo (those after
+    # its checkpoint) are already there: wandb would refuse each one with a warning; skip them.
+    WANDB.update(run=run, row={}, first_step=run.starting_step)
+
+
+def add_to_wandb_row(step, values):
+    """A step's values go to wandb as one row (wandb's step = ours), sent when the next step's first
+    value comes or the run ends: a step whose evals a signal cuts short is redone by the resumed run,
+    so its partial row is dropped (drop_wandb_row), as trim_log drops its records from log.jsonl."""
+    if WANDB["run"] is None:
+        return
+    if WANDB["row"] and WANDB["row"]["step"] != step:
+        send_wandb_row()
+    WANDB["row"].update(step=step, **{k: v for k, v in values.items() if v is not None})  # mfu: None on CPU
+
+
+def send_wandb_row():
+    row, WANDB["row"] = WANDB["row"], {}
+    if row and row["step"] >= WANDB["first_step"]:
+        WANDB["run"].log({k: v for k, v in row.items() if k != "step"}, step=row["step"], commit=True)
+
+
+def drop_wandb_row():
+    WANDB["row"] = {}
+
+
+def log_samples_to_wandb(step, samples):
+    """Rank 0's samples, as a table in the step's wandb row."""
+    if WANDB["run"] is not None:
+        import wandb
+
+        add_to_wandb_row(step, {"samples": wandb.Table(columns=["sample"], data=[[text] for text in samples])})
+
+
+def finish_wandb(exit_code):
+    """Send the last row and close the run (exit_code != 0 marks it failed in wandb)."""
+    if WANDB["run"] is not None:
+        try:
+            send_wandb_row()
+            WANDB["run"].finish(exit_code=exit_code)
+        except Exception as e:  # the run's outcome is decided and in log.jsonl: only say so
+            print(f"warning: wandb did not finish ({type(e).__name__}: {e}); log.jsonl has every record", flush=True)
+        WANDB.update(run=None, row={}, first_step=0)
+
+
 # ---------------------------------------------------------------- the run
 
 
-def train(args):
+def start_run(args):
+    """What every run does first (training or --eval-only): the processes and the device, the autocast
+    dtype, and the --log-dir lock. (rank, world_size, device, autocast_dtype), or None if a signal came
+    while waiting for the lock."""
     if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rank, world_size, device = setup_distributed(args.device)
-    master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
                       "auto": torch.bfloat16 if device.type == "cuda" else None}[args.dtype]
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
     if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
         print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
+        return None
+    return rank, world_size, device, autocast_dtype
+
+
+def train(args):
+    started = start_run(args)
+    if started is None:
         return 0
+    rank, world_size, device, autocast_dtype = started
+    master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
 
     B, T = args.batch_size, args.seq_len
     grad_accum_steps = check_batch_layout(args, world_size)
@@ -531,9 +626,10 @@ def train(args):
                             device=device)
     val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
     optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master_process)
-    start_step = 0
+    start_step, wandb_id = 0, None
     if ckpt:
         start_step = load_checkpoint(ckpt_path, ckpt, raw_model, optimizer, train_loader)
+        wandb_id = ckpt.get("wandb_id")  # its wandb run, if it had one, goes on
         print0(f"resumed from {ckpt_path} at step {start_step}")
         del ckpt  # the weights now live in the model: free the copy
 
@@ -558,12 +654,14 @@ def train(args):
            f"{args.max_steps * args.total_batch_size:,} tokens")
     print0(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
 
+    on_rank0(lambda: start_wandb(args, raw_model, world_size, wandb_id))
     log_path = on_rank0(lambda: prepare_log_dir(args, start_step))
     log_path = log_path if master_process else None  # rank 0 alone logs
     dt_avg, saved_step = None, start_step
     for step in range(start_step, args.max_steps + 1):
         if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
                          autocast_dtype, log_path):  # a signal came during them
+            drop_wandb_row()  # the resumed run redoes this step's evals
             if step > saved_step:  # the steps done since the last checkpoint are not lost
                 write_checkpoint(args, step, raw_model, optimizer, train_loader)
             print0(f"stopped by a signal during the evals at step {step}; continue with --resume auto")
@@ -586,8 +684,7 @@ def train(args):
         print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
                f" | ETA {eta}")
-        append_log(log_path, step=step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000,
-                   tok_per_s=tok_per_s, mfu=mfu)
+        log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu)
         done = step + 1
         if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
             write_checkpoint(args, done, raw_model, optimizer, train_loader)
@@ -595,6 +692,44 @@ def train(args):
         if stop:
             print0(f"stopped by a signal after step {step}; continue with --resume auto")
             return 0
+    return 0
+
+
+def eval_only(args):
+    """--eval-only: the val loss of --init-from MODEL on the tokens of training's evals (the first
+    --val-tokens of the val data, in whole B x T x world batches) and its HellaSwag accuracy, printed
+    and appended to --log-dir's log.jsonl as one record, at the step of a train_gpt2.py checkpoint (0
+    for other models). No training: no optimizer, no train data read, no checkpoint written."""
+    started = start_run(args)
+    if started is None:
+        return 0
+    rank, world_size, device, autocast_dtype = started
+    model = build_model(args, device)
+    val_loader = DataLoader(data_sources(args.data)[1], args.batch_size, args.seq_len, rank, world_size, 1,
+                            shuffle=False, vocab_size=model.config.vocab_size, device=device)
+    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
+    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, model.config.block_size))
+    is_checkpoint = os.path.isfile(args.init_from)  # its step places the record on the run's curves
+    step = weights.read_checkpoint(args.init_from, keys=(), mmap=True).get("step", 0) if is_checkpoint else 0
+    print0(f"eval-only: {args.init_from} ({model.num_params():,} parameters, step {step}); val loss on "
+           f"{val_steps * args.batch_size * args.seq_len * world_size:,} tokens of {args.data}")
+    on_rank0(lambda: start_wandb(args, model, world_size))
+    loss, result = val_loss(model, val_loader, val_steps, autocast_dtype, should_stop=signalled), None
+    if loss is not None and hellaswag_examples:
+        import hellaswag
+
+        result = hellaswag.evaluate(model, hellaswag_examples, device, rank=rank, world_size=world_size,
+                                    autocast_dtype=autocast_dtype, should_stop=signalled)
+    if loss is None or (hellaswag_examples and result is None):
+        print0("stopped by a signal before the evals finished: nothing was logged")
+        return 1
+    record = dict(val_loss=loss)
+    print0(f"val loss {loss:.6f}")
+    if result:
+        print0(f"hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
+        record["hellaswag"] = result["acc_norm"]
+    log(os.path.join(args.log_dir, "log.jsonl") if rank == 0 else None, step, **record, eval_only=True,
+        model=args.init_from)
     return 0
 
 
@@ -707,6 +842,11 @@ def parse_args(argv=None):
     g.add_argument("--wait-for-lock", action="store_true", help="if another run holds --log-dir, wait until it "
                    "ends instead of stopping with an error (a requeued job: the preempted one writes its checkpoint "
                    "first, then --resume auto continues from it)")
+    g.add_argument("--wandb-project", help="also log to this Weights & Biases project (pip install wandb): every "
+                   "log.jsonl record, the samples and the config; a resumed run continues the same wandb run")
+    g.add_argument("--wandb-run-name", help="the wandb run's display name (default: wandb's)")
+    g.add_argument("--eval-only", action="store_true", help="no training: the val loss (the tokens of training's "
+                   "evals) and HellaSwag of --init-from MODEL, printed and appended to --log-dir's log.jsonl")
 
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun "
@@ -732,6 +872,16 @@ def parse_args(argv=None):
                 "(10 x lr and lr x weight decay must stay below 3.4e38): use a far smaller --lr")
     if args.num_samples and not args.sample_prompt:  # found now, not at the first sample hours later
         p.error("--sample-prompt is empty: samples continue a prompt of at least one token (or pass --num-samples 0)")
+    if args.wandb_run_name and not args.wandb_project:
+        p.error("--wandb-run-name names a run of --wandb-project: pass --wandb-project too")
+    if args.wandb_project and importlib.util.find_spec("wandb") is None:  # imported only when used
+        p.error("--wandb-project needs the wandb package: pip install wandb")
+    if args.eval_only and not args.init_from:
+        p.error("--eval-only needs --init-from MODEL: an OpenAI size (gpt2, ...), a Hugging Face directory or a "
+                "train_gpt2.py checkpoint file")
+    if args.eval_only and args.resume:
+        p.error("--eval-only trains nothing, so there is nothing to --resume: to evaluate a checkpoint, pass it "
+                "as --init-from")
     return args
 
 
@@ -740,15 +890,17 @@ def main(argv=None):
     STOP["signal"] = None
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    status = 1  # an unexpected exception: wandb marks the run failed
     try:
-        return train(args)
+        status = eval_only(args) if args.eval_only else train(args)
     except (TrainError, DataError, LogDirError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+        status = 2
     except Diverged as e:
         print0(f"error: {e}", file=sys.stderr)
-        return 1
+        status = 1
     finally:  # a signal here, the outcome decided, only sets the flag: the exit status stays
+        finish_wandb(status)  # before the lock goes: a requeued run may continue the same wandb run
         logdir.unlock_log_dir()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -756,6 +908,7 @@ def main(argv=None):
         for s, handler in handlers.items():  # as they were, for callers in this process (tests)
             signal.signal(s, handler)
         pause_point("exit")  # tests signal here
+    return status
 
 
 if __name__ == "__main__":
