@@ -844,7 +844,7 @@ def parse_args(argv=None):
                    "first, then --resume auto continues from it)")
     g.add_argument("--wandb-project", help="also log to this Weights & Biases project (pip install wandb): every "
                    "log.jsonl record, the samples and the config; a resumed run continues the same wandb run")
-    g.add_argument("--wandb-run-name", help="the wandb run's display name (default: wandb's)")
+    g.add_argument("--wandb-run-name", help="the wandb run's display name; without it, wandb picks one")
     g.add_argument("--eval-only", action="store_true", help="no training: the val loss (the tokens of training's "
                    "evals) and HellaSwag of --init-from MODEL, printed and appended to --log-dir's log.jsonl")
 
