@@ -30,8 +30,9 @@ class DataError(Exception):
     prints the message and exits with status 2."""
 
 
-def data_sources(path):
-    """(train, val) shards of --data: lists of .npy paths, or for a .txt file one (name, tokens) pair each."""
+def data_sources(path, need_train=True):
+    """(train, val) shards of --data: lists of .npy paths, or for a .txt file one (name, tokens) pair each.
+    need_train=False (--eval-only) accepts a directory that holds only the val shard."""
     if path.endswith(".txt"):
         if not os.path.exists(path) and os.path.basename(path) == "input.txt":
             print(f"{path} not found: downloading Tiny Shakespeare from {SHAKESPEARE_URL}", flush=True)
@@ -57,7 +58,7 @@ def data_sources(path):
     train = [f for f in files if "_train_" in os.path.basename(f)]
     val = [f for f in files if "_val_" in os.path.basename(f)]
     for split, found in (("train", train), ("val", val)):
-        if not found:
+        if not found and (split == "val" or need_train):
             raise DataError(f"--data {path}: no {split} shards (*_{split}_*.npy). Run `python fineweb.py` to write them")
     return train, val
 

@@ -128,7 +128,9 @@ def train_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip=1.0, au
         loss_accum = loss_accum / dist.get_world_size()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # DDP's gradient_as_bucket_view: the grads are views into its all-reduce buckets, so zero them in place
+    # (set to None, the no_sync micro-steps would allocate fresh gradients beside the buckets)
+    optimizer.zero_grad(set_to_none=not isinstance(model, DDP))
     return loss_accum, norm
 
 
@@ -705,7 +707,7 @@ def eval_only(args):
         return 0
     rank, world_size, device, autocast_dtype = started
     model = build_model(args, device)
-    val_loader = DataLoader(data_sources(args.data)[1], args.batch_size, args.seq_len, rank, world_size, 1,
+    val_loader = DataLoader(data_sources(args.data, need_train=False)[1], args.batch_size, args.seq_len, rank, world_size, 1,
                             shuffle=False, vocab_size=model.config.vocab_size, device=device)
     val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
     hellaswag_examples = on_rank0(lambda: load_hellaswag(args, model.config.block_size))

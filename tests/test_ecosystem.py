@@ -323,3 +323,15 @@ def test_eval_only_of_a_training_checkpoint_logs_its_step_and_trainings_val_loss
     assert tg.main(argv) == 0  # the same tokens as training's evals: the same val loss
     [record] = read_log(tmp_path / "eval")
     assert record["step"] == 3 and record["val_loss"] == pytest.approx(trained[0], rel=1e-6)
+
+
+def test_eval_only_needs_only_the_val_shard(shards, hf_model, tmp_path):
+    """`python fineweb.py --max-shards 1` writes the val shard alone: enough to evaluate, not to train."""
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    os.link(os.path.join(shards, "edufineweb_val_000000.npy"), val_only / "edufineweb_val_000000.npy")
+    argv = ["--init-from", hf_model, "--data", str(val_only), *EVAL]
+    assert tg.main(["--eval-only", *argv, "--log-dir", str(tmp_path / "eval")]) == 0
+    expected = hf_val_loss(hf_model, str(val_only / "edufineweb_val_000000.npy"), 4, 2, 32)
+    assert read_log(tmp_path / "eval")[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
+    assert tg.main([*argv, "--max-steps", "1", "--log-dir", str(tmp_path / "train")]) == 2  # training needs train shards
