@@ -59,7 +59,8 @@ def data_sources(path, need_train=True):
     val = [f for f in files if "_val_" in os.path.basename(f)]
     for split, found in (("train", train), ("val", val)):
         if not found and (split == "val" or need_train):
-            raise DataError(f"--data {path}: no {split} shards (*_{split}_*.npy). Run `python fineweb.py` to write them")
+            raise DataError(f"--data {path}: no {split} shards (*_{split}_*.npy). Run `python fineweb.py` to write "
+                            "them")
     return train, val
 
 

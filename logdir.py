@@ -1,6 +1,7 @@
 """The run's directory, --log-dir, on disk: one run at a time (a lock), the checkpoints ckpt_NNNNNN.pt
 (written whole or not at all, pruned to the newest few), and log.jsonl (the walkthrough's log.txt:
-one JSON record per line, appended as the run goes). Rank 0 alone writes here.
+one JSON record per line, appended as the run goes; with --wandb-project the same records also go
+to Weights & Biases). Rank 0 alone writes here.
 
 train_gpt2.py decides what a checkpoint holds and when to write it; this file only keeps the files
 safe: a crash, a kill -9, a full disk or a second run started by mistake never costs a good checkpoint.
@@ -192,3 +193,72 @@ def append_log(path, **record):
             f.write(json.dumps(record) + "\n")
     except OSError as e:
         raise LogDirError(f"{path}: cannot append to the log ({e.strerror}); the checkpoints are intact") from e
+
+
+def log(log_path, step, **values):
+    """One record of the run: appended to log.jsonl (the source of truth, which play.ipynb plots) and,
+    with --wandb-project, added to the step's wandb row. Rank 0 logs; the others pass log_path None."""
+    append_log(log_path, step=step, **values)
+    add_to_wandb_row(step, values)
+
+
+# ---------------------------------------------------------------- Weights & Biases (--wandb-project)
+# Optional: wandb is imported only when asked for. Rank 0 sends every log.jsonl record, the samples,
+# and the run's config; a checkpoint stores the run's id, so a resumed run continues the same curves.
+
+WANDB = {"run": None, "row": {}, "first_step": 0}  # rank 0's wandb run; the current step's values so far
+
+
+def start_wandb(project, run_name, config, run_id=None):
+    """Rank 0 with --wandb-project: start a wandb run, or continue the checkpoint's run_id."""
+    import wandb  # train_gpt2.parse_args checked that it is installed
+
+    try:
+        run = wandb.init(project=project, name=run_name, id=run_id, resume="allow", config=config)
+    except Exception as e:  # not logged in, no network, ...: wandb has many error types
+        raise LogDirError(f"--wandb-project {project}: wandb did not start ({type(e).__name__}: {e}); "
+                          "run `wandb login`, or set WANDB_MODE=offline (and `wandb sync` later)") from e
+    # A resumed wandb run goes on after the last step it holds (online; offline it starts at 0, and
+    # `wandb sync` uploads the pieces in order). Steps that a crash made this run redo (those after
+    # its checkpoint) are already there: wandb would refuse each one with a warning; skip them.
+    WANDB.update(run=run, row={}, first_step=run.starting_step)
+
+
+def add_to_wandb_row(step, values):
+    """A step's values go to wandb as one row (wandb's step = ours), sent when the next step's first
+    value comes or the run ends: a step whose evals a signal cuts short is redone by the resumed run,
+    so its partial row is dropped (drop_wandb_row), as trim_log drops its records from log.jsonl."""
+    if WANDB["run"] is None:
+        return
+    if WANDB["row"] and WANDB["row"]["step"] != step:
+        send_wandb_row()
+    WANDB["row"].update(step=step, **{k: v for k, v in values.items() if v is not None})  # mfu: None on CPU
+
+
+def send_wandb_row():
+    row, WANDB["row"] = WANDB["row"], {}
+    if row and row["step"] >= WANDB["first_step"]:
+        WANDB["run"].log({k: v for k, v in row.items() if k != "step"}, step=row["step"], commit=True)
+
+
+def drop_wandb_row():
+    WANDB["row"] = {}
+
+
+def log_samples_to_wandb(step, samples):
+    """Rank 0's samples, as a table in the step's wandb row."""
+    if WANDB["run"] is not None:
+        import wandb
+
+        add_to_wandb_row(step, {"samples": wandb.Table(columns=["sample"], data=[[text] for text in samples])})
+
+
+def finish_wandb(exit_code):
+    """Send the last row and close the run (exit_code != 0 marks it failed in wandb)."""
+    if WANDB["run"] is not None:
+        try:
+            send_wandb_row()
+            WANDB["run"].finish(exit_code=exit_code)
+        except Exception as e:  # the run's outcome is decided and in log.jsonl: only say so
+            print(f"warning: wandb did not finish ({type(e).__name__}: {e}); log.jsonl has every record", flush=True)
+        WANDB.update(run=None, row={}, first_step=0)

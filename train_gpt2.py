@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import logdir
 import weights
 from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
-from logdir import LogDirError, append_log, checkpoint_step, checkpoints, newest_checkpoint
+from logdir import LogDirError, checkpoint_step, checkpoints, newest_checkpoint
 from model import GPT, H100_BF16_PEAK_FLOPS, OPENAI_SIZES, config_for
 from utils import pause_point
 
@@ -213,7 +213,7 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
         if loss is None:
             return False
         print0(f"step {step:5d} | val loss {loss:.4f}")
-        log(log_path, step, val_loss=loss)
+        logdir.log(log_path, step, val_loss=loss)
         if hellaswag_examples:
             import hellaswag
 
@@ -224,11 +224,11 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
                 return False
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"({result['correct_norm']}/{result['n']})")
-            log(log_path, step, hellaswag=result["acc_norm"])
+            logdir.log(log_path, step, hellaswag=result["acc_norm"])
     if samples_due:
         samples = print_samples(raw_model, args, device, rank, autocast_dtype, should_stop=signalled)
         if samples:
-            log_samples_to_wandb(step, samples)
+            logdir.log_samples_to_wandb(step, samples)
     return not stop_requested(device)  # every rank here: all of them agree
 
 
@@ -363,8 +363,8 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                 optimizer=optimizer.state_dict(), step=step, loader=loader.state_dict(), args=vars(args),
                 rng=dict(torch=torch.get_rng_state(), python=random.getstate(),
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
-    if WANDB["run"] is not None:  # a resume continues this wandb run
-        ckpt["wandb_id"] = WANDB["run"].id
+    if logdir.WANDB["run"] is not None:  # a resume continues this wandb run
+        ckpt["wandb_id"] = logdir.WANDB["run"].id
     path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
     pause_point("checkpoint")  # tests act here, just before the write
     try:
@@ -511,79 +511,13 @@ def prepare_log_dir(args, start_step):
     return log_path
 
 
-def log(log_path, step, **values):
-    """One record of the run: appended to log.jsonl (the source of truth, which play.ipynb plots) and,
-    with --wandb-project, added to the step's wandb row. Rank 0 logs; the others pass log_path None."""
-    append_log(log_path, step=step, **values)
-    add_to_wandb_row(step, values)
-
-
-# ---------------------------------------------------------------- Weights & Biases (--wandb-project)
-# Optional: wandb is imported only when asked for. Rank 0 sends every log.jsonl record, the samples,
-# and the run's config; a checkpoint stores the run's id, so a resumed run continues the same curves.
-
-WANDB = {"run": None, "row": {}, "first_step": 0}  # rank 0's wandb run; the current step's values so far
-
-
 def start_wandb(args, raw_model, world_size, run_id=None):
-    """Rank 0 with --wandb-project: start a wandb run, or continue the checkpoint's run_id. Its config:
-    every flag, the model's shape and size, the world size, the torch version."""
-    if not args.wandb_project:
-        return
-    import wandb  # parse_args checked that it is installed
-
-    config = {**vars(args), "model_config": dataclasses.asdict(raw_model.config),
-              "num_params": raw_model.num_params(), "world_size": world_size, "torch_version": torch.__version__}
-    try:
-        run = wandb.init(project=args.wandb_project, name=args.wandb_run_name, id=run_id, resume="allow",
-                         config=config)
-    except Exception as e:  # not logged in, no network, ...: wandb has many error types
-        raise TrainError(f"--wandb-project {args.wandb_project}: wandb did not start ({type(e).__name__}: {e}); "
-                         "run `wandb login`, or set WANDB_MODE=offline (and `wandb sync` later)") from e
-    # A resumed wandb run goes on after the last step it holds (online; offline it starts at 0, and
-    # `wandb sync` uploads the pieces in order). Steps that a crash made this run redo (those after
-    # its checkpoint) are already there: wandb would refuse each one with a warning; skip them.
-    WANDB.update(run=run, row={}, first_step=run.starting_step)
-
-
-def add_to_wandb_row(step, values):
-    """A step's values go to wandb as one row (wandb's step = ours), sent when the next step's first
-    value comes or the run ends: a step whose evals a signal cuts short is redone by the resumed run,
-    so its partial row is dropped (drop_wandb_row), as trim_log drops its records from log.jsonl."""
-    if WANDB["run"] is None:
-        return
-    if WANDB["row"] and WANDB["row"]["step"] != step:
-        send_wandb_row()
-    WANDB["row"].update(step=step, **{k: v for k, v in values.items() if v is not None})  # mfu: None on CPU
-
-
-def send_wandb_row():
-    row, WANDB["row"] = WANDB["row"], {}
-    if row and row["step"] >= WANDB["first_step"]:
-        WANDB["run"].log({k: v for k, v in row.items() if k != "step"}, step=row["step"], commit=True)
-
-
-def drop_wandb_row():
-    WANDB["row"] = {}
-
-
-def log_samples_to_wandb(step, samples):
-    """Rank 0's samples, as a table in the step's wandb row."""
-    if WANDB["run"] is not None:
-        import wandb
-
-        add_to_wandb_row(step, {"samples": wandb.Table(columns=["sample"], data=[[text] for text in samples])})
-
-
-def finish_wandb(exit_code):
-    """Send the last row and close the run (exit_code != 0 marks it failed in wandb)."""
-    if WANDB["run"] is not None:
-        try:
-            send_wandb_row()
-            WANDB["run"].finish(exit_code=exit_code)
-        except Exception as e:  # the run's outcome is decided and in log.jsonl: only say so
-            print(f"warning: wandb did not finish ({type(e).__name__}: {e}); log.jsonl has every record", flush=True)
-        WANDB.update(run=None, row={}, first_step=0)
+    """Rank 0 with --wandb-project: a wandb run (a new one, or the checkpoint's run_id continued) whose
+    config is every flag, the model's shape and size, the world size and the torch version."""
+    if args.wandb_project:
+        config = {**vars(args), "model_config": dataclasses.asdict(raw_model.config),
+                  "num_params": raw_model.num_params(), "world_size": world_size, "torch_version": torch.__version__}
+        logdir.start_wandb(args.wandb_project, args.wandb_run_name, config, run_id)
 
 
 # ---------------------------------------------------------------- the run
@@ -648,7 +582,8 @@ def train(args):
     hellaswag_examples = on_rank0(lambda: load_hellaswag(args, config.block_size))
 
     print0(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
-           f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to {config.padded_vocab_size})")
+           f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to "
+           f"{config.padded_vocab_size})")
     print0(f"data: {args.data}: {len(train_shards)} train shard(s), {train_loader.num_tokens:,} tokens; "
            f"val loss on {val_steps * B * T * world_size:,} tokens")
     print0(f"batch: {B} x {T} = {B * T:,} tokens per micro-step x {world_size} rank(s) x {grad_accum_steps} "
@@ -663,7 +598,7 @@ def train(args):
     for step in range(start_step, args.max_steps + 1):
         if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
                          autocast_dtype, log_path):  # a signal came during them
-            drop_wandb_row()  # the resumed run redoes this step's evals
+            logdir.drop_wandb_row()  # the resumed run redoes this step's evals
             if step > saved_step:  # the steps done since the last checkpoint are not lost
                 write_checkpoint(args, step, raw_model, optimizer, train_loader)
             print0(f"stopped by a signal during the evals at step {step}; continue with --resume auto")
@@ -686,7 +621,8 @@ def train(args):
         print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
                f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
                f" | ETA {eta}")
-        log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu)
+        logdir.log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s,
+                   mfu=mfu)
         done = step + 1
         if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
             write_checkpoint(args, done, raw_model, optimizer, train_loader)
@@ -707,7 +643,8 @@ def eval_only(args):
         return 0
     rank, world_size, device, autocast_dtype = started
     model = build_model(args, device)
-    val_loader = DataLoader(data_sources(args.data, need_train=False)[1], args.batch_size, args.seq_len, rank, world_size, 1,
+    val_shards = data_sources(args.data, need_train=False)[1]
+    val_loader = DataLoader(val_shards, args.batch_size, args.seq_len, rank, world_size, 1,
                             shuffle=False, vocab_size=model.config.vocab_size, device=device)
     val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
     hellaswag_examples = on_rank0(lambda: load_hellaswag(args, model.config.block_size))
@@ -730,7 +667,7 @@ def eval_only(args):
     if result:
         print0(f"hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
         record["hellaswag"] = result["acc_norm"]
-    log(os.path.join(args.log_dir, "log.jsonl") if rank == 0 else None, step, **record, eval_only=True,
+    logdir.log(os.path.join(args.log_dir, "log.jsonl") if rank == 0 else None, step, **record, eval_only=True,
         model=args.init_from)
     return 0
 
@@ -789,7 +726,8 @@ def number(low, high=math.inf, low_open=False):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="start from a named set of defaults (flags you give "
                    "still win): shakespeare = a 4-layer model on Tiny Shakespeare, minutes on a CPU")
     p.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy shards (*_train_*, *_val_*) "
@@ -808,12 +746,12 @@ def parse_args(argv=None):
     g = p.add_argument_group("batch")
     g.add_argument("--batch-size", type=integer(1), default=64, help="micro-batch: sequences per rank per forward "
                    "pass (if memory runs out, lower it: the accumulation grows, the total batch stays)")
-    g.add_argument("--seq-len", type=integer(1), default=1024, help="tokens per sequence (and a new model's block size)")
+    g.add_argument("--seq-len", type=integer(1), default=1024, help="tokens per sequence (a new model's block size)")
     g.add_argument("--total-batch-size", type=integer(1), default=524288, help="tokens per optimizer step, all ranks "
                    "and micro-steps together: a multiple of batch-size x seq-len x world size")
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--max-steps", type=integer(1), default=19073, help="optimizer steps (19,073 x 524,288 = 10B tokens)")
+    g.add_argument("--max-steps", type=integer(1), default=19073, help="optimizer steps (19,073 x 524,288 = 10B)")
     g.add_argument("--warmup-steps", type=integer(0), default=715, help="steps of linear learning-rate warmup")
     g.add_argument("--lr", type=number(0, low_open=True), default=6e-4, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=number(0, 1), default=0.1, help="the cosine ends at --lr times this")
@@ -902,7 +840,7 @@ def main(argv=None):
         print0(f"error: {e}", file=sys.stderr)
         status = 1
     finally:  # a signal here, the outcome decided, only sets the flag: the exit status stays
-        finish_wandb(status)  # before the lock goes: a requeued run may continue the same wandb run
+        logdir.finish_wandb(status)  # before the lock goes: a requeued run may continue the same wandb run
         logdir.unlock_log_dir()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import logdir
 import train_gpt2 as tg
 from conftest import ROOT, write_shards
 
@@ -216,13 +217,13 @@ def test_steps_a_resumed_wandb_run_already_holds_are_not_sent_again(monkeypatch)
         def log(self, row, step, commit):
             sent.append((step, row, commit))
 
-    monkeypatch.setitem(tg.WANDB, "run", Run())
-    monkeypatch.setitem(tg.WANDB, "row", {})
-    monkeypatch.setitem(tg.WANDB, "first_step", Run.starting_step)
+    monkeypatch.setitem(logdir.WANDB, "run", Run())
+    monkeypatch.setitem(logdir.WANDB, "row", {})
+    monkeypatch.setitem(logdir.WANDB, "first_step", Run.starting_step)
     for step in range(1, 5):  # resumed from a checkpoint at step 1
-        tg.log(None, step, val_loss=10.0 + step, mfu=None)
-        tg.log(None, step, train_loss=float(step))
-    tg.send_wandb_row()
+        logdir.log(None, step, val_loss=10.0 + step, mfu=None)
+        logdir.log(None, step, train_loss=float(step))
+    logdir.send_wandb_row()
     assert sent == [(3, {"val_loss": 13.0, "train_loss": 3.0}, True), (4, {"val_loss": 14.0, "train_loss": 4.0}, True)]
 
 
