@@ -9,6 +9,10 @@
 Each sample is printed as it is generated, token by token (model.generate_stream: with the KV cache
 each new token costs one token's forward pass); several samples come one after another, separated
 by a line of dashes. Only text goes to stdout; notes (model, device, dtype) go to stderr.
+
+Each new token reads every weight once, so sampling one sequence is bound by memory bandwidth: in
+bfloat16 (--dtype auto, where the CPU has it) the weights are half the bytes, 1.2-1.6x faster on a
+CPU with AVX512-BF16 (BENCHMARKS.md); --dtype float32 reproduces Hugging Face's float32 text exactly.
 """
 import argparse
 import codecs
@@ -17,6 +21,8 @@ import sys
 
 import tiktoken
 import torch
+
+from utils import autocast_dtype
 
 EOT_TEXT = "<|endoftext|>"  # the token that separates documents (model.EOT): allowed in a prompt
 DEFAULT_PROMPT = "Hello, I'm a language model,"  # the walkthrough's
@@ -69,17 +75,6 @@ def stream_sample(model, enc, prompt_ids, out, max_new_tokens, temperature=1.0, 
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def sampling_dtype(device_type, choice):
-    """--dtype -> autocast dtype (None = float32). auto: bfloat16 on CUDA; on the CPU float32, even
-    where bfloat16 is native: at batch 1 each token reads every weight once, so sampling is bound by
-    memory, and autocast on the CPU measured no faster, or slower, than float32 (BENCHMARKS.md)."""
-    from utils import autocast_dtype
-
-    if choice == "auto" and device_type != "cuda":
-        return None
-    return autocast_dtype(device_type, choice)
 
 
 def pick_device(name):
@@ -158,7 +153,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps, ... (default: cuda if available, "
                    "else mps, else cpu)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="autocast dtype; auto: "
-                   "bfloat16 on CUDA, float32 on the CPU (memory-bound sampling gains nothing there) (default: auto)")
+                   "bfloat16 on CUDA and on a CPU with native bfloat16 (AVX512-BF16, AMX, ARM BF16), else float32. "
+                   "float32 gives exactly Hugging Face's text; bfloat16 rounds, and may pick another token at a "
+                   "near-tie (default: auto)")
     return p.parse_args(argv)
 
 
@@ -167,7 +164,7 @@ def main(argv=None, out=None):
     out = out or sys.stdout
     try:
         device = pick_device(args.device)
-        dtype = sampling_dtype(torch.device(device).type, args.dtype)
+        dtype = autocast_dtype(torch.device(device).type, args.dtype)
         prompt = read_prompt(args)
         prompt_ids = encode_prompt(prompt)
     except ValueError as e:
@@ -194,6 +191,8 @@ def main(argv=None, out=None):
 
     generator = torch.Generator(device=device).manual_seed(args.seed)  # the only randomness: same seed, same text
     enc = tiktoken.get_encoding("gpt2")
+    # one autocast region for all samples: it casts each weight to bfloat16 once and keeps the copy (a
+    # cache that works under no_grad, not inference_mode), so each step reads half the bytes
     with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
         for i in range(args.num_samples):
             if i:

@@ -119,7 +119,7 @@ def cpu_has_fast_bf16():
     return _detected_cpu_bf16()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache  # the hardware does not change while we run
 def _detected_cpu_bf16():
     answer = cpu_bf16_from_os()
     return _bf16_matmul_is_faster() if answer is None else answer

@@ -70,9 +70,11 @@ class Recorder:
         return "".join(self.writes)
 
 
-def run(argv):
+def run(argv, dtype="float32"):
+    """sample.main(argv) -> (exit code, what it printed). float32 unless told: auto is bfloat16 on a
+    CPU that has it, and HF's text is float32's."""
     out = Recorder()
-    code = sample.main(argv, out=out)
+    code = sample.main([*argv, "--dtype", dtype] if dtype else argv, out=out)
     return code, out
 
 
@@ -187,8 +189,8 @@ def test_prompt_from_stdin_in_a_real_process(hf_dir):
     # exactly as written, no newline added or removed
     prompt = "Once upon a time\n"
     result = subprocess.run([sys.executable, "sample.py", "-m", hf_dir, "--prompt-file", "-", "--temperature", "0",
-                             "--max-new-tokens", "8", "--device", "cpu"], cwd=ROOT, input=prompt.encode(),
-                            capture_output=True, timeout=300)
+                             "--max-new-tokens", "8", "--device", "cpu", "--dtype", "float32"], cwd=ROOT,
+                            input=prompt.encode(), capture_output=True, timeout=300)
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout.decode() == hf_text(hf_dir, prompt, 8) + "\n"
     assert "parameters on cpu, float32, prompt 5 tokens" in result.stderr.decode()
@@ -216,7 +218,8 @@ def files(tmp_path):
     (["--prompt", ""], "the prompt is empty"),
     (["--prompt-file", "{files}/empty.txt"], "the prompt is empty"),
     (["--prompt-file", "{files}/missing.txt"], "--prompt-file {files}/missing.txt: cannot read it"),
-    (["--prompt-file", "{files}/latin1.txt"], "--prompt-file {files}/latin1.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
+    (["--prompt-file", "{files}/latin1.txt"], "--prompt-file {files}/latin1.txt: not UTF-8 text (byte 0xe9 at "
+                                              "offset 3)"),
     (["--device", "nonsense"], "--device nonsense: not usable on this machine"),
 ])
 def test_bad_input_is_an_error(hf_dir, files, capsys, args, message):
@@ -237,7 +240,7 @@ def test_bad_input_is_an_error(hf_dir, files, capsys, args, message):
 ])
 def test_bad_flag_is_an_error(hf_dir, capsys, args, message):
     with pytest.raises(SystemExit) as exit_:
-        run(["-m", hf_dir, *args])
+        run(["-m", hf_dir, *args], dtype=None)
     assert exit_.value.code == 2 and f"error: {message}" in capsys.readouterr().err
 
 
@@ -322,26 +325,30 @@ def test_bad_override_is_a_clear_error(monkeypatch):
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
-def test_sampling_auto_is_float32_on_the_cpu(monkeypatch, native):
-    # sampling is memory-bound: bfloat16 autocast was measured no faster on the CPU (BENCHMARKS.md)
+def test_sampling_runs_under_the_autocast_dtype_auto_picks(hf_dir, capsys, monkeypatch, native):
     monkeypatch.setenv(utils.CPU_BF16_ENV, native)
-    assert sample.sampling_dtype("cpu", "auto") is None
-    assert sample.sampling_dtype("cuda", "auto") is torch.bfloat16
-    assert sample.sampling_dtype("cpu", "bfloat16") is torch.bfloat16
-    assert sample.sampling_dtype("cpu", "float32") is None
-
-
-def test_bfloat16_sampling_runs_under_autocast(hf_dir, capsys, monkeypatch):
     seen = []
     from model import GPT
 
     original = GPT.generate_stream
 
-    def spy(self, *args, **kwargs):
-        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
+    def spy(self, *args, **kwargs):  # what autocast is on while the model generates
+        seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
         yield from original(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "generate_stream", spy)
-    code, out = run(["-m", hf_dir, "--dtype", "bfloat16", "--temperature", "0", "--max-new-tokens", "4"])
-    assert code == 0 and seen == [torch.bfloat16] and out.text().startswith(PROMPT)
-    assert "parameters on cpu, bfloat16" in capsys.readouterr().err
+    expected = torch.bfloat16 if native == "1" else None
+    for dtype in ("auto", None):  # --dtype auto, and no --dtype at all
+        code, out = run(["-m", hf_dir, "--temperature", "0", "--max-new-tokens", "4"], dtype=dtype)
+        assert code == 0 and out.text().startswith(PROMPT)
+        assert f"parameters on cpu, {'bfloat16' if expected else 'float32'}" in capsys.readouterr().err
+    code, out = run(["-m", hf_dir, "--temperature", "0", "--max-new-tokens", "4"], dtype="bfloat16")  # explicit
+    code, out = run(["-m", hf_dir, "--temperature", "0", "--max-new-tokens", "4"], dtype="float32")
+    assert seen == [expected, expected, torch.bfloat16, None]
+
+
+def test_bad_cpu_bf16_override_is_an_error(hf_dir, capsys, monkeypatch):
+    monkeypatch.setenv(utils.CPU_BF16_ENV, "true")
+    code, out = run(["-m", hf_dir], dtype=None)
+    assert code == 2 and out.text() == ""
+    assert "error: GPT2_CPU_BF16='true': expected 1" in capsys.readouterr().err
