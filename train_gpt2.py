@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import logdir
+import utils
 import weights
 from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
 from logdir import LogDirError, checkpoint_step, checkpoints, newest_checkpoint
@@ -531,8 +532,7 @@ def start_run(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rank, world_size, device = setup_distributed(args.device)
-    autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16,
-                      "auto": torch.bfloat16 if device.type == "cuda" else None}[args.dtype]
+    autocast_dtype = utils.autocast_dtype(device.type, args.dtype)  # auto: bf16 on CUDA and on CPUs that have it
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
     if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
@@ -792,7 +792,8 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda, mps; under torchrun "
                    "each rank takes cuda:LOCAL_RANK")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast dtype: auto = "
-                   "bfloat16 on CUDA, else float32 (weights and optimizer state are float32 always)")
+                   "bfloat16 on CUDA and on a CPU with native bfloat16 (AVX512-BF16, AMX, ARM BF16; GPT2_CPU_BF16=0/1 "
+                   "overrides the detection), else float32 (weights and optimizer state are float32 always)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model "
                    "for training (default: on with CUDA; elsewhere off: it needs a C++ compiler and starts slowly)")
     g.add_argument("--peak-tflops", type=number(0, low_open=True), default=H100_BF16_PEAK_FLOPS / 1e12,

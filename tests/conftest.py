@@ -14,6 +14,9 @@ _cache = os.path.join(os.path.dirname(ROOT), "shared", "tiktoken_cache")
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(_cache):
     os.environ["TIKTOKEN_CACHE_DIR"] = _cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
+# --dtype auto picks bfloat16 on CPUs that have it: tests compare against float32 references, so they
+# run float32 unless they set this themselves (the tests of that choice do)
+os.environ.setdefault("GPT2_CPU_BF16", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 # Tiny Shakespeare, the text several tests build their data from: ../shared's copy (CI), or the

@@ -385,6 +385,28 @@ def test_other_files_named_ckpt_are_not_checkpoints(shards, tmp_path, capsys):
     assert (tmp_path / "ckpt_best.pt").read_bytes() == b"the user's own file"  # never pruned either
 
 
+@pytest.mark.parametrize("native, flag, expected", [("1", [], "autocast torch.bfloat16"),
+                                                     ("0", [], "autocast off (float32)"),
+                                                     ("1", ["--dtype", "float32"], "autocast off (float32)"),
+                                                     ("0", ["--dtype", "bfloat16"], "autocast torch.bfloat16")])
+def test_dtype_auto_is_bf16_on_a_cpu_only_where_it_is_native(shards, tmp_path, capsys, monkeypatch, native, flag,
+                                                             expected):
+    """--dtype auto on the CPU: bfloat16 autocast where the CPU multiplies bfloat16 natively (here the
+    answer is forced with GPT2_CPU_BF16; utils' own tests check the detection), float32 elsewhere; an
+    explicit --dtype always wins. The step really runs under that autocast."""
+    monkeypatch.setenv("GPT2_CPU_BF16", native)
+    seen, real_step = [], tg.train_step
+
+    def spy(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast_dtype):
+        seen.append(autocast_dtype)
+        return real_step(model, optimizer, loader, grad_accum_steps, lr, grad_clip, autocast_dtype)
+
+    monkeypatch.setattr(tg, "train_step", spy)
+    code, out, _ = run([*TINY, "--data", shards, "--max-steps", "1", *flag, "--log-dir", str(tmp_path)], capsys)
+    assert code == 0 and f"device: cpu, {expected}" in out
+    assert seen == [torch.bfloat16 if "bfloat16" in expected else None]
+
+
 def test_bad_flag_values_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as e:
         tg.parse_args(["--batch-size", "0"])
