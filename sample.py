@@ -22,9 +22,10 @@ import sys
 import tiktoken
 import torch
 
+from model import EOT, GPT
 from utils import autocast_dtype
 
-EOT_TEXT = "<|endoftext|>"  # the token that separates documents (model.EOT): allowed in a prompt
+EOT_TEXT = "<|endoftext|>"  # the text of EOT, the token that separates documents: allowed in a prompt
 DEFAULT_PROMPT = "Hello, I'm a language model,"  # the walkthrough's
 SEPARATOR = "---------------"  # between samples, as nanoGPT's sample.py
 
@@ -56,8 +57,6 @@ def stream_sample(model, enc, prompt_ids, out, max_new_tokens, temperature=1.0, 
                   stop_at_eot=False):
     """Generate one sample after prompt_ids (a list of ids) and write its text to out as it comes,
     flushing after each piece. Returns the new ids (an <|endoftext|> that stopped it not included)."""
-    from model import EOT
-
     decoder = StreamDecoder(enc)
     idx = torch.tensor([prompt_ids], device=next(model.parameters()).device)  # (1, T)
     new_ids = []
@@ -170,8 +169,6 @@ def main(argv=None, out=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from model import GPT
-
     try:
         model = GPT.from_pretrained(args.model)
     except (ValueError, OSError) as e:  # an unknown name, a broken file, no network for a download
