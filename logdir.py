@@ -241,8 +241,11 @@ def send_wandb_row():
         WANDB["run"].log({k: v for k, v in row.items() if k != "step"}, step=row["step"], commit=True)
 
 
-def drop_wandb_row():
-    WANDB["row"] = {}
+def drop_wandb_row(step):
+    """Forget what `step` logged so far (its evals, cut short by a signal: the resumed run redoes
+    them). The row of an earlier step, not sent yet because `step` logged nothing, stays."""
+    if WANDB["row"].get("step") == step:
+        WANDB["row"] = {}
 
 
 def log_samples_to_wandb(step, samples):

@@ -12,15 +12,16 @@ matrices only, gradients clipped to norm 1.0, 0.5M-token batches, learning rate 
 linearly over 715 steps, then a cosine down to 10% at step 19,073. Each optimizer step sees
 --total-batch-size tokens: every rank runs grad_accum_steps micro-batches of --batch-size x --seq-len
 tokens, and DDP averages the gradients across ranks once per step. Every --eval-every steps: val
-loss, HellaSwag accuracy and a few samples. A checkpoint holds everything needed to continue exactly
-where the run stopped; SIGTERM or Ctrl-C finishes the current step (or eval batch) and writes one.
+loss and HellaSwag accuracy; every --sample-every steps: a few samples. A checkpoint holds everything
+needed to continue exactly where the run stopped; SIGTERM or Ctrl-C finishes the current step (or
+eval batch) and writes one.
 One run at a time uses a --log-dir: it holds a lock on it from start to exit. log.jsonl there is the
 run's record; with --wandb-project, Weights & Biases gets the same records too.
 
-Reading order: get_lr (the schedule) -> dataloader.py (the data) -> train_step, val_loss (one step,
-one eval) -> train() (the run, top to bottom) -> the command line at the end. Checkpoints, the log
-(and Weights & Biases) and distributed plumbing sit in between; eval_only() (--eval-only) follows
-train(); model.py holds the GPT itself.
+Reading order: top to bottom as far as train() and eval_only(): get_lr (the schedule), then the data
+(dataloader.py), train_step and val_loss (one step, one eval), train() (the run). The plumbing follows:
+distributed helpers, checkpoints and the log (logdir.py keeps the files safe), then the command line.
+model.py holds the GPT itself.
 """
 import argparse
 import contextlib
@@ -41,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import logdir
 import utils
 import weights
-from dataloader import DataError, DataLoader, data_sources  # noqa: F401 (DataLoader: importable from here too)
+from dataloader import DataError, DataLoader, data_sources
 from logdir import LogDirError, checkpoint_step, checkpoints, newest_checkpoint
 from model import GPT, H100_BF16_PEAK_FLOPS, OPENAI_SIZES, config_for
 from utils import pause_point
@@ -214,7 +215,7 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
         if loss is None:
             return False
         print0(f"step {step:5d} | val loss {loss:.4f}")
-        logdir.log(log_path, step, val_loss=loss)
+        log(log_path, step, val_loss=loss)
         if hellaswag_examples:
             import hellaswag
 
@@ -225,12 +226,167 @@ def run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_
                 return False
             print0(f"step {step:5d} | hellaswag acc_norm {result['acc_norm']:.4f} "
                    f"({result['correct_norm']}/{result['n']})")
-            logdir.log(log_path, step, hellaswag=result["acc_norm"])
+            log(log_path, step, hellaswag=result["acc_norm"])
     if samples_due:
         samples = print_samples(raw_model, args, device, rank, autocast_dtype, should_stop=signalled)
         if samples:
             logdir.log_samples_to_wandb(step, samples)
     return not stop_requested(device)  # every rank here: all of them agree
+
+
+# ---------------------------------------------------------------- the run
+
+
+def start_run(args):
+    """What every run does first (training or --eval-only): the processes and the device, the autocast
+    dtype, and the --log-dir lock. (rank, world_size, device, autocast_dtype), or None if a signal came
+    while waiting for the lock."""
+    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    rank, world_size, device = setup_distributed(args.device)
+    autocast_dtype = utils.autocast_dtype(device.type, args.dtype)  # auto: bf16 on CUDA and on CPUs that have it
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
+    if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
+        print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
+        return None
+    return rank, world_size, device, autocast_dtype
+
+
+def train(args):
+    started = start_run(args)
+    if started is None:
+        return 0
+    rank, world_size, device, autocast_dtype = started
+    master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+
+    B, T = args.batch_size, args.seq_len
+    grad_accum_steps = check_batch_layout(args, world_size)
+    ckpt_path, ckpt = checkpoint_to_resume(args, device)  # (None, None): a fresh run
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    raw_model = build_model(args, device, ckpt["config"] if ckpt else None)
+    config = raw_model.config
+    train_shards, val_shards = data_sources(args.data)
+    train_loader = DataLoader(train_shards, B, T, rank, world_size, grad_accum_steps, shuffle=True, seed=args.seed,
+                              vocab_size=config.vocab_size, device=device)
+    val_loader = DataLoader(val_shards, B, T, rank, world_size, 1, shuffle=False, vocab_size=config.vocab_size,
+                            device=device)
+    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
+    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master_process)
+    start_step, wandb_id = 0, None
+    if ckpt:
+        start_step = load_checkpoint(ckpt_path, ckpt, raw_model, optimizer, train_loader)
+        wandb_id = ckpt.get("wandb_id")  # its wandb run, if it had one, goes on
+        print0(f"resumed from {ckpt_path} at step {start_step}")
+        del ckpt  # the weights now live in the model: free the copy
+
+    # The training step runs the compiled model, wrapped in DDP. Val loss reuses the compiled model
+    # (same shapes, so one extra graph for no_grad, no recompilation). Sampling and HellaSwag feed
+    # ever-changing shapes (prompt lengths, KV cache): compiled, they would recompile again and again,
+    # so they run raw_model, the plain module, which shares the very same weight tensors.
+    compiled = torch.compile(raw_model) if use_compile else raw_model
+    model = compiled
+    if world_size > 1:  # DDP averages the gradients across ranks during backward
+        # gradient_as_bucket_view: .grad tensors are views into DDP's all-reduce buckets (one copy less)
+        model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
+    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, config.block_size))
+
+    print0(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
+           f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to "
+           f"{config.padded_vocab_size})")
+    print0(f"data: {args.data}: {len(train_shards)} train shard(s), {train_loader.num_tokens:,} tokens; "
+           f"val loss on {val_steps * B * T * world_size:,} tokens")
+    print0(f"batch: {B} x {T} = {B * T:,} tokens per micro-step x {world_size} rank(s) x {grad_accum_steps} "
+           f"accumulation step(s) = {args.total_batch_size:,} tokens per step; {args.max_steps:,} steps = "
+           f"{args.max_steps * args.total_batch_size:,} tokens")
+    print0(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
+
+    on_rank0(lambda: start_wandb(args, raw_model, world_size, wandb_id))
+    log_path = on_rank0(lambda: prepare_log_dir(args, start_step))
+    log_path = log_path if master_process else None  # rank 0 alone logs
+    dt_avg = None
+    for step in range(start_step, args.max_steps + 1):
+        if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
+                         autocast_dtype, log_path):  # a signal came during them
+            logdir.drop_wandb_row(step)  # the resumed run redoes this step's evals
+            # the steps done since the last checkpoint are not lost: --resume auto finds them in --log-dir
+            # (a run resumed from a checkpoint elsewhere, with --resume PATH, has none there yet)
+            if step > 0 and not on_rank0(lambda: os.path.exists(checkpoint_path(args, step))):
+                write_checkpoint(args, step, raw_model, optimizer, train_loader)
+            if STOP["error"]:
+                raise STOP["error"]
+            print0(f"stopped by a signal during the evals at step {step}; continue with --resume auto")
+            return 0
+        if step == args.max_steps:
+            break
+
+        t0 = time.perf_counter()
+        lr = get_lr(step, args)
+        loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, args.grad_clip, autocast_dtype)
+        # the step's one wait for the device; the stop flag rides along (every rank stops after the same step)
+        loss, norm, stop = torch.stack([loss.float(), norm.float(), stop_flag(device)]).tolist()
+        dt = time.perf_counter() - t0
+        check_finite(step, loss, norm, args.log_dir)
+        dt_avg = dt if dt_avg is None or step == start_step + 1 else 0.9 * dt_avg + 0.1 * dt  # skip compile
+        tok_per_s = args.total_batch_size / dt
+        mfu = None if device.type != "cuda" else raw_model.estimate_mfu(tok_per_s / world_size, T,
+                                                                        args.peak_tflops * 1e12)
+        eta = datetime.timedelta(seconds=round((args.max_steps - step - 1) * dt_avg))
+        print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
+               f" | ETA {eta}")
+        log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu)
+        done = step + 1
+        if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
+            write_checkpoint(args, done, raw_model, optimizer, train_loader)
+        if stop:
+            if STOP["error"]:
+                raise STOP["error"]
+            print0(f"stopped by a signal after step {step}; continue with --resume auto")
+            return 0
+    return 0
+
+
+def eval_only(args):
+    """--eval-only: the val loss of --init-from MODEL on the tokens of training's evals (the first
+    --val-tokens of the val data, in whole B x T x world batches) and its HellaSwag accuracy, printed
+    and appended to --log-dir's log.jsonl as one record, at the step of a train_gpt2.py checkpoint (0
+    for other models). No training: no optimizer, no train data read, no checkpoint written."""
+    started = start_run(args)
+    if started is None:
+        return 0
+    rank, world_size, device, autocast_dtype = started
+    model = build_model(args, device)
+    val_shards = data_sources(args.data, need_train=False)[1]
+    val_loader = DataLoader(val_shards, args.batch_size, args.seq_len, rank, world_size, 1,
+                            shuffle=False, vocab_size=model.config.vocab_size, device=device)
+    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
+    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, model.config.block_size))
+    is_checkpoint = os.path.isfile(args.init_from)  # its step places the record on the run's curves
+    step = weights.read_checkpoint(args.init_from, keys=(), mmap=True).get("step", 0) if is_checkpoint else 0
+    print0(f"eval-only: {args.init_from} ({model.num_params():,} parameters, step {step}); val loss on "
+           f"{val_steps * args.batch_size * args.seq_len * world_size:,} tokens of {args.data}")
+    on_rank0(lambda: start_wandb(args, model, world_size))
+    loss, result = val_loss(model, val_loader, val_steps, autocast_dtype, should_stop=signalled), None
+    if loss is not None and hellaswag_examples:
+        import hellaswag
+
+        result = hellaswag.evaluate(model, hellaswag_examples, device, rank=rank, world_size=world_size,
+                                    autocast_dtype=autocast_dtype, should_stop=signalled)
+    if loss is None or (hellaswag_examples and result is None):
+        print0("stopped by a signal before the evals finished: nothing was logged")
+        return 1
+    record = dict(val_loss=loss)
+    print0(f"val loss {loss:.6f}")
+    if result:
+        print0(f"hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
+        record["hellaswag"] = result["acc_norm"]
+    logdir.log(os.path.join(args.log_dir, "log.jsonl") if rank == 0 else None, step, **record, eval_only=True,
+        model=args.init_from)
+    return 0
 
 
 # ---------------------------------------------------------------- distributed helpers
@@ -250,7 +406,9 @@ def setup_distributed(device_arg):
                              f"{torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(device)
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 alone writes checkpoints while the others wait in a collective: NCCL's default 10-minute
+        # timeout would end the job at every save of a big model on a slow shared filesystem
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
     return env["RANK"], env["WORLD_SIZE"], device
 
 
@@ -299,7 +457,8 @@ def on_rank0(fn):
     return result
 
 
-STOP = {"signal": None}  # set by a SIGTERM/SIGINT handler; the run stops after the step or eval batch
+# set by a SIGTERM/SIGINT handler (or a log rank 0 cannot write); the run stops after the step or eval batch
+STOP = {"signal": None, "error": None}
 
 
 def request_stop(signum, frame):
@@ -309,8 +468,19 @@ def request_stop(signum, frame):
 
 
 def signalled():
-    """Whether this rank got SIGTERM/SIGINT. Local: to act on it, ranks first agree (stop_flag)."""
-    return STOP["signal"] is not None
+    """Whether this rank got SIGTERM/SIGINT (or rank 0 could not log). Local: to act on it, ranks first
+    agree (stop_flag)."""
+    return STOP["signal"] is not None or STOP["error"] is not None
+
+
+def log(log_path, step, **values):
+    """logdir.log. A log that rank 0 cannot append to (a lost mount, a full disk) stops the run as a
+    signal does, on every rank (the stop flag) and after a checkpoint if one can be written; then the
+    run ends with that error. Raised on rank 0 alone, it would leave the others in their next collective."""
+    try:
+        logdir.log(log_path, step, **values)
+    except LogDirError as e:
+        STOP["error"] = e
 
 
 def stop_flag(device):
@@ -329,8 +499,6 @@ def stop_requested(device):
 # ---------------------------------------------------------------- checkpoints and log
 # What a checkpoint holds and when one is written or resumed. logdir.py keeps the files themselves
 # safe (the lock, atomic writes, pruning, log.jsonl); rank 0 alone writes to --log-dir.
-
-
 
 
 def lock_log_dir(args, device):
@@ -356,7 +524,11 @@ def lock_log_dir(args, device):
         time.sleep(1)
 
 
-def save_checkpoint(args, step, raw_model, optimizer, loader):
+def checkpoint_path(args, step):
+    return os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
+
+
+def write_checkpoint_file(args, step, raw_model, optimizer, loader):
     """Rank 0: write ckpt_{step}.pt, then prune to the newest --keep-checkpoints. A full disk is a
     TrainError naming the directory and the space needed; the partial file is removed and the
     older checkpoints are untouched (pruning comes after a complete write)."""
@@ -366,7 +538,7 @@ def save_checkpoint(args, step, raw_model, optimizer, loader):
                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []))
     if logdir.WANDB["run"] is not None:  # a resume continues this wandb run
         ckpt["wandb_id"] = logdir.WANDB["run"].id
-    path = os.path.join(args.log_dir, f"ckpt_{step:06d}.pt")
+    path = checkpoint_path(args, step)
     pause_point("checkpoint")  # tests act here, just before the write
     try:
         logdir.save(path, ckpt, keep=args.keep_checkpoints)
@@ -397,7 +569,7 @@ def write_checkpoint(args, step, raw_model, optimizer, loader):
         newest = on_rank0(lambda: newest_checkpoint(args.log_dir))
         raise Diverged(f"step {step - 1}: the update made the weights inf or NaN (its loss and gradient norm were "
                        f"finite). Stopping without writing a checkpoint ({newest}); try a lower --lr")
-    path = on_rank0(lambda: save_checkpoint(args, step, raw_model, optimizer, loader))
+    path = on_rank0(lambda: write_checkpoint_file(args, step, raw_model, optimizer, loader))
     print0(f"checkpoint: {path}")
 
 
@@ -519,157 +691,6 @@ def start_wandb(args, raw_model, world_size, run_id=None):
         config = {**vars(args), "model_config": dataclasses.asdict(raw_model.config),
                   "num_params": raw_model.num_params(), "world_size": world_size, "torch_version": torch.__version__}
         logdir.start_wandb(args.wandb_project, args.wandb_run_name, config, run_id)
-
-
-# ---------------------------------------------------------------- the run
-
-
-def start_run(args):
-    """What every run does first (training or --eval-only): the processes and the device, the autocast
-    dtype, and the --log-dir lock. (rank, world_size, device, autocast_dtype), or None if a signal came
-    while waiting for the lock."""
-    if args.deterministic:  # before any CUDA work: cuBLAS reads its workspace setting when it starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    rank, world_size, device = setup_distributed(args.device)
-    autocast_dtype = utils.autocast_dtype(device.type, args.dtype)  # auto: bf16 on CUDA and on CPUs that have it
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
-    if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
-        print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
-        return None
-    return rank, world_size, device, autocast_dtype
-
-
-def train(args):
-    started = start_run(args)
-    if started is None:
-        return 0
-    rank, world_size, device, autocast_dtype = started
-    master_process = rank == 0  # rank 0 prints, logs and writes checkpoints
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
-
-    B, T = args.batch_size, args.seq_len
-    grad_accum_steps = check_batch_layout(args, world_size)
-    ckpt_path, ckpt = checkpoint_to_resume(args, device)  # (None, None): a fresh run
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    raw_model = build_model(args, device, ckpt["config"] if ckpt else None)
-    config = raw_model.config
-    train_shards, val_shards = data_sources(args.data)
-    train_loader = DataLoader(train_shards, B, T, rank, world_size, grad_accum_steps, shuffle=True, seed=args.seed,
-                              vocab_size=config.vocab_size, device=device)
-    val_loader = DataLoader(val_shards, B, T, rank, world_size, 1, shuffle=False, vocab_size=config.vocab_size,
-                            device=device)
-    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.lr, device.type, verbose=master_process)
-    start_step, wandb_id = 0, None
-    if ckpt:
-        start_step = load_checkpoint(ckpt_path, ckpt, raw_model, optimizer, train_loader)
-        wandb_id = ckpt.get("wandb_id")  # its wandb run, if it had one, goes on
-        print0(f"resumed from {ckpt_path} at step {start_step}")
-        del ckpt  # the weights now live in the model: free the copy
-
-    # The training step runs the compiled model, wrapped in DDP. Val loss reuses the compiled model
-    # (same shapes, so one extra graph for no_grad, no recompilation). Sampling and HellaSwag feed
-    # ever-changing shapes (prompt lengths, KV cache): compiled, they would recompile again and again,
-    # so they run raw_model, the plain module, which shares the very same weight tensors.
-    compiled = torch.compile(raw_model) if use_compile else raw_model
-    model = compiled
-    if world_size > 1:  # DDP averages the gradients across ranks during backward
-        # gradient_as_bucket_view: .grad tensors are views into DDP's all-reduce buckets (one copy less)
-        model = DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
-    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, config.block_size))
-
-    print0(f"model: {raw_model.num_params():,} parameters (n_layer {config.n_layer}, n_head {config.n_head}, n_embd "
-           f"{config.n_embd}, block {config.block_size}, vocab {config.vocab_size} padded to "
-           f"{config.padded_vocab_size})")
-    print0(f"data: {args.data}: {len(train_shards)} train shard(s), {train_loader.num_tokens:,} tokens; "
-           f"val loss on {val_steps * B * T * world_size:,} tokens")
-    print0(f"batch: {B} x {T} = {B * T:,} tokens per micro-step x {world_size} rank(s) x {grad_accum_steps} "
-           f"accumulation step(s) = {args.total_batch_size:,} tokens per step; {args.max_steps:,} steps = "
-           f"{args.max_steps * args.total_batch_size:,} tokens")
-    print0(f"device: {device}, autocast {autocast_dtype or 'off (float32)'}, compile {'on' if use_compile else 'off'}")
-
-    on_rank0(lambda: start_wandb(args, raw_model, world_size, wandb_id))
-    log_path = on_rank0(lambda: prepare_log_dir(args, start_step))
-    log_path = log_path if master_process else None  # rank 0 alone logs
-    dt_avg, saved_step = None, start_step
-    for step in range(start_step, args.max_steps + 1):
-        if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
-                         autocast_dtype, log_path):  # a signal came during them
-            logdir.drop_wandb_row()  # the resumed run redoes this step's evals
-            if step > saved_step:  # the steps done since the last checkpoint are not lost
-                write_checkpoint(args, step, raw_model, optimizer, train_loader)
-            print0(f"stopped by a signal during the evals at step {step}; continue with --resume auto")
-            return 0
-        if step == args.max_steps:
-            break
-
-        t0 = time.perf_counter()
-        lr = get_lr(step, args)
-        loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, args.grad_clip, autocast_dtype)
-        # the step's one wait for the device; the stop flag rides along (every rank stops after the same step)
-        loss, norm, stop = torch.stack([loss.float(), norm.float(), stop_flag(device)]).tolist()
-        dt = time.perf_counter() - t0
-        check_finite(step, loss, norm, args.log_dir)
-        dt_avg = dt if dt_avg is None or step == start_step + 1 else 0.9 * dt_avg + 0.1 * dt  # skip compile
-        tok_per_s = args.total_batch_size / dt
-        mfu = None if device.type != "cuda" else raw_model.estimate_mfu(tok_per_s / world_size, T,
-                                                                        args.peak_tflops * 1e12)
-        eta = datetime.timedelta(seconds=round((args.max_steps - step - 1) * dt_avg))
-        print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
-               f" | ETA {eta}")
-        logdir.log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s,
-                   mfu=mfu)
-        done = step + 1
-        if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            write_checkpoint(args, done, raw_model, optimizer, train_loader)
-            saved_step = done
-        if stop:
-            print0(f"stopped by a signal after step {step}; continue with --resume auto")
-            return 0
-    return 0
-
-
-def eval_only(args):
-    """--eval-only: the val loss of --init-from MODEL on the tokens of training's evals (the first
-    --val-tokens of the val data, in whole B x T x world batches) and its HellaSwag accuracy, printed
-    and appended to --log-dir's log.jsonl as one record, at the step of a train_gpt2.py checkpoint (0
-    for other models). No training: no optimizer, no train data read, no checkpoint written."""
-    started = start_run(args)
-    if started is None:
-        return 0
-    rank, world_size, device, autocast_dtype = started
-    model = build_model(args, device)
-    val_shards = data_sources(args.data, need_train=False)[1]
-    val_loader = DataLoader(val_shards, args.batch_size, args.seq_len, rank, world_size, 1,
-                            shuffle=False, vocab_size=model.config.vocab_size, device=device)
-    val_steps = check_val_steps(args, world_size, val_loader.num_tokens)
-    hellaswag_examples = on_rank0(lambda: load_hellaswag(args, model.config.block_size))
-    is_checkpoint = os.path.isfile(args.init_from)  # its step places the record on the run's curves
-    step = weights.read_checkpoint(args.init_from, keys=(), mmap=True).get("step", 0) if is_checkpoint else 0
-    print0(f"eval-only: {args.init_from} ({model.num_params():,} parameters, step {step}); val loss on "
-           f"{val_steps * args.batch_size * args.seq_len * world_size:,} tokens of {args.data}")
-    on_rank0(lambda: start_wandb(args, model, world_size))
-    loss, result = val_loss(model, val_loader, val_steps, autocast_dtype, should_stop=signalled), None
-    if loss is not None and hellaswag_examples:
-        import hellaswag
-
-        result = hellaswag.evaluate(model, hellaswag_examples, device, rank=rank, world_size=world_size,
-                                    autocast_dtype=autocast_dtype, should_stop=signalled)
-    if loss is None or (hellaswag_examples and result is None):
-        print0("stopped by a signal before the evals finished: nothing was logged")
-        return 1
-    record = dict(val_loss=loss)
-    print0(f"val loss {loss:.6f}")
-    if result:
-        print0(f"hellaswag acc_norm {result['acc_norm']:.4f} ({result['correct_norm']}/{result['n']})")
-        record["hellaswag"] = result["acc_norm"]
-    logdir.log(os.path.join(args.log_dir, "log.jsonl") if rank == 0 else None, step, **record, eval_only=True,
-        model=args.init_from)
-    return 0
 
 
 # ---------------------------------------------------------------- command line
@@ -828,7 +849,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    STOP["signal"] = None
+    STOP.update(signal=None, error=None)
     handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     status = 1  # an unexpected exception: wandb marks the run failed

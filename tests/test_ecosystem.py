@@ -336,3 +336,37 @@ def test_eval_only_needs_only_the_val_shard(shards, hf_model, tmp_path):
     expected = hf_val_loss(hf_model, str(val_only / "edufineweb_val_000000.npy"), 4, 2, 32)
     assert read_log(tmp_path / "eval")[0]["val_loss"] == pytest.approx(expected, abs=1e-5)
     assert tg.main([*argv, "--max-steps", "1", "--log-dir", str(tmp_path / "train")]) == 2  # training needs train shards
+
+
+def test_a_signal_before_a_step_logs_anything_keeps_the_previous_steps_wandb_row(shards, tmp_path):
+    """A SIGTERM in step 2's first val batch, before step 2 logged anything: the row not yet sent is
+    step 1's, which the resumed run (from step 2) does not redo. It must reach wandb; nothing of step
+    2 does, until the resumed run sends it."""
+    log_dir, pause_file = tmp_path / "run", tmp_path / "pause"
+    common = [*TINY, "--no-hellaswag", "--data", shards, "--max-steps", "4", "--eval-every", "2",
+              "--checkpoint-every", "0", "--log-dir", str(log_dir), "--wandb-project", "gpt2-tests"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "first"),
+           "WANDB_SILENT": "true", "GPT2_PAUSE_AT": "val_batch", "GPT2_PAUSE_FILE": str(pause_file)}
+    os.makedirs(tmp_path / "first")
+    with open(tmp_path / "first.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *common], env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        for pause in (1, 2, 3):  # step 0's 2 val batches (64 tokens / 2 x 16) go on; the 3rd is step 2's first
+            deadline = time.monotonic() + 300
+            while not pause_file.exists():  # polling for the pause file, with a generous timeout
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.out").read_text()
+                time.sleep(0.02)
+            if pause == 3:
+                proc.send_signal(signal.SIGTERM)
+            pause_file.unlink()
+        assert proc.wait(timeout=300) == 0, (tmp_path / "first.out").read_text()
+    finally:
+        proc.kill()
+    assert "stopped by a signal during the evals at step 2" in (tmp_path / "first.out").read_text()
+    code, out, err = script([*common, "--resume", "auto"], wandb_dir=tmp_path / "second")
+    assert code == 0, out + err
+    _, _, history1, _ = offline_run(tmp_path / "first")
+    _, _, history2, _ = offline_run(tmp_path / "second")
+    assert sorted(history1) == [0, 1] and sorted(history2) == [2, 3, 4]
+    assert_history_is_the_log({**history1, **history2}, read_log(log_dir))

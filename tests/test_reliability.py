@@ -186,7 +186,8 @@ def test_a_second_run_is_refused_while_the_first_holds_the_log_dir_and_a_requeue
     first.proc.send_signal(signal.SIGTERM)  # a preemption: the first run writes its checkpoints and exits
     code, _ = first.finish()
     assert code == 0 and "stopped by a signal" in first.output()
-    k = tg.checkpoint_step(tg.checkpoints(str(log_dir))[-1])
+    # the first run's last checkpoint, from its output: the requeued run may already have written more
+    k = int(re.findall(r"^checkpoint: .*ckpt_(\d+)\.pt$", first.output(), re.M)[-1])
     assert requeued.proc.wait(timeout=300) == 0, requeued.output()
     assert f"resumed from {log_dir / f'ckpt_{k:06d}.pt'} at step {k}" in requeued.output()
     assert sorted(records(log_dir, "train_loss")) == list(range(6))  # every step once: no interleaving
@@ -579,3 +580,62 @@ def test_deterministic_is_accepted_and_changes_nothing_on_the_cpu(shards, tmp_pa
     assert run([*common, "--deterministic", "--log-dir", str(tmp_path / "deterministic")]) == 0
     assert not torch.are_deterministic_algorithms_enabled()  # main puts the setting back
     assert records(tmp_path / "deterministic", "train_loss") == records(tmp_path / "plain", "train_loss")
+
+
+def test_a_signal_before_the_first_step_of_a_run_resumed_from_elsewhere_checkpoints_in_its_log_dir(shards, tmp_path,
+                                                                                                  start):
+    """--resume PATH from another directory (a run moved to a new --log-dir): a SIGTERM in the evals of
+    the first step, before any checkpoint is written in the new --log-dir, must leave one there, or the
+    advised `--resume auto` would start again from step 0."""
+    common = [*TINY, "--data", shards, "--eval-every", "2", "--val-tokens", "100000", *CONSTANT_LR]
+    assert run([*common, "--max-steps", "2", "--log-dir", str(tmp_path / "old")]) == 0
+    new = tmp_path / "new"
+    program = start("moved", [*common, "--max-steps", "4", "--resume", str(tmp_path / "old" / "ckpt_000002.pt"),
+                              "--log-dir", str(new)], pause_at="val_batch")
+    program.pause()  # after the first val batch of step 2, the resumed run's first
+    program.proc.send_signal(signal.SIGTERM)
+    code, more = program.finish()
+    assert code == 0 and more == 0, program.output()
+    assert "stopped by a signal during the evals at step 2; continue with --resume auto" in program.output()
+    assert [p.name for p in new.glob("ckpt_*.pt")] == ["ckpt_000002.pt"]
+    assert run([*common, "--max-steps", "4", "--log-dir", str(new), "--resume", "auto"]) == 0
+    assert run([*common, "--max-steps", "4", "--log-dir", str(tmp_path / "reference")]) == 0
+    assert records(new, "train_loss") == pytest.approx({s: v for s, v in records(tmp_path / "reference",
+                                                                              "train_loss").items() if s >= 2})
+
+
+# ---------------------------------------------------------------- exactness after a hard kill, a new world size
+
+
+def test_a_kill_9_just_before_a_checkpoint_resumes_to_the_uninterrupted_run(shards, tmp_path, start):
+    """The OOM killer or a node failure: no handler runs. --resume auto goes back to the last complete
+    checkpoint and the run continues exactly as if nothing had happened."""
+    common = [*TINY, *CONSTANT_LR, "--data", shards, "--max-steps", "8", "--eval-every", "3", "--checkpoint-every", "2"]
+    killed = start("killed", [*common, "--log-dir", str(tmp_path / "killed")], pause_at="checkpoint")
+    killed.pause(nth=2)  # about to write ckpt_000004.pt
+    killed.kill()
+    # the dead run's .lock file stays, but its flock died with it: the resume takes it at once
+    assert sorted(os.listdir(tmp_path / "killed")) == [".lock", "ckpt_000002.pt", "log.jsonl"]
+    assert run([*common, "--log-dir", str(tmp_path / "killed"), "--resume", "auto"]) == 0
+    assert run([*common, "--log-dir", str(tmp_path / "reference")]) == 0
+    assert_same_run(tmp_path / "reference", tmp_path / "killed")
+
+
+def test_a_resume_on_twice_the_ranks_with_the_same_total_batch_is_exact(shards, tmp_path):
+    """A requeued job may get another number of GPUs: with the same --total-batch-size a step reads the
+    same tokens, so 1 process x 4 micro-steps resumed as 2 gloo ranks x 2 equals the uninterrupted run."""
+    common = [*TINY, "--data", shards, "--total-batch-size", "128", "--eval-every", "3"]
+    assert run([*common, "--max-steps", "3", "--log-dir", str(tmp_path / "run")]) == 0
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               os.path.join(ROOT, "train_gpt2.py"), *common, "--max-steps", "6", "--resume", "auto",
+                               "--log-dir", str(tmp_path / "run")],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert torchrun.returncode == 0, torchrun.stdout[-3000:] + torchrun.stderr[-3000:]
+    assert "x 2 rank(s) x 2 accumulation step(s)" in torchrun.stdout
+    assert run([*common, "--max-steps", "6", "--log-dir", str(tmp_path / "reference")]) == 0
+    a, b = read_log(tmp_path / "reference"), read_log(tmp_path / "run")
+    assert [sorted(r) for r in a] == [sorted(r) for r in b]
+    for ra, rb in zip(a, b):  # 2 ranks sum their gradients in another order: float32 rounding, no more
+        for key in ("train_loss", "val_loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-5), (ra, rb)
