@@ -24,6 +24,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+import utils
 from model import GPT, GPTConfig
 from train_gpt2 import DataLoader, train_step
 
@@ -112,7 +113,7 @@ def run_variant(name, args, device):
     model = torch.compile(model, mode=v["compile"]) if v["compile"] else model
     tokens = np.random.default_rng(0).integers(0, 50257, 4 * args.total_batch_size + 1, dtype=np.uint16)
     loader = DataLoader([("synthetic", tokens)], B, T, grad_accum_steps=accum, shuffle=False, device=device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    dtype = utils.autocast_dtype(device.type, args.dtype)
     cuda = device.type == "cuda"
     attention = sdpa_kernel(BACKENDS[v["backend"]]) if v["backend"] else contextlib.nullcontext()
 
@@ -162,6 +163,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--steps", type=count, default=10, help="timed steps (default 10)")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast, as "
+                   "train_gpt2.py's --dtype (auto: bfloat16 on CUDA and on CPUs with native bfloat16)")
+    p.add_argument("--glibc-malloc", action="store_true", help="on a CPU, leave glibc's allocator as it is, to "
+                   "measure what train_gpt2.py's utils.keep_freed_memory saves (default: keep freed memory, as it does)")
     args = p.parse_args(argv)
     if args.warmup < 0:
         p.error("--warmup must be 0 or more")
@@ -180,10 +185,13 @@ def main(argv=None):
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)  # events, synchronize and memory stats use the current device
         torch.set_float32_matmul_precision("high")  # as train_gpt2.py does
+    elif not args.glibc_malloc:
+        utils.keep_freed_memory()  # as train_gpt2.py does on a CPU
     gpu = (f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})"
            if device.type == "cuda" else "CPU")
+    malloc = "" if device.type == "cuda" else ", glibc malloc as is" if args.glibc_malloc else ", freed memory kept"
     print(f"torch {torch.__version__} on {gpu}; model {args.shape}, T={args.seq_len}, "
-          f"{args.total_batch_size:,} tokens per step")
+          f"{args.total_batch_size:,} tokens per step, autocast {args.dtype}{malloc}")
 
     # peak memory: everything allocated on the GPU at the busiest moment (weights, optimizer state, the
     # step); step memory: the most one step allocated beyond what was there when it began (on a CPU,

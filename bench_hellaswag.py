@@ -18,6 +18,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import utils
 from hellaswag import (DEFAULT_CACHE_DIR, NUM_ENDINGS, SPLITS, HellaSwagUnavailable, _batches, _score_batch,
                        check_example, encode_example, inference, load_examples, positive_int, score_naive,
                        usable_device)
@@ -99,6 +100,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    if torch.device(device).type == "cpu":
+        utils.keep_freed_memory()  # as hellaswag.py does
     from model import GPT, config_for
 
     try:
