@@ -22,6 +22,7 @@ from model import EOT
 from utils import download
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+NEWLINE, BLANK_LINE = 198, 628  # GPT-2's tokens for "\n" and "\n\n"
 CHUNK = 1 << 16  # tokens per piece of the vectorised shuffle: its int64 temporaries stay ~1 MB
 
 
@@ -50,7 +51,8 @@ def data_sources(path, need_train=True):
             raise DataError(f"--data {path}: cannot read it as UTF-8 text ({e})") from e
         tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
         cut = len(tokens) * 9 // 10
-        return [(f"{path} (first 90%)", tokens[:cut])], [(f"{path} (last 10%)", tokens[cut:])]
+        train = tokens[:cut]
+        return [(f"{path} (first 90%)", train, paragraph_starts(train))], [(f"{path} (last 10%)", tokens[cut:])]
     if not os.path.isdir(path):
         raise DataError(f"--data {path}: no such directory. Run `python fineweb.py` first to download and "
                         "tokenize FineWeb-edu into it (or try --preset shakespeare for a small first run)")
@@ -64,10 +66,23 @@ def data_sources(path, need_train=True):
     return train, val
 
 
+def paragraph_starts(tokens):
+    """Where the paragraphs of a text start: at the first token after a blank line (GPT-2 encodes one
+    as two "\\n" tokens before a word, or with a "\\n\\n" token). A .txt file has no <|endoftext|> to
+    mark documents, so its paragraphs are what the shuffle reorders. In a play each is one speech:
+    read in file order instead, the demo learned one play after another, and its val loss (the
+    last plays) rose and fell with whichever play it had read last."""
+    newline = np.isin(np.asarray(tokens), (NEWLINE, BLANK_LINE))
+    # token i starts a paragraph if it is not a newline and the newlines before it hold a blank line
+    blank_before = newline[1:-1] & ((tokens[1:-1] == BLANK_LINE) | newline[:-2])
+    return np.flatnonzero(~newline[2:] & blank_before) + 2
+
+
 def open_shard(shard):
-    """(name, 1-D uint16 array) of a .npy path (memory-mapped: nothing is read yet) or a (name, array) pair."""
+    """(name, 1-D uint16 array) of a .npy path (memory-mapped: nothing is read yet) or of an in-memory
+    (name, array) or (name, array, document starts) tuple."""
     if isinstance(shard, tuple):
-        name, tokens = shard
+        name, tokens = shard[:2]
     else:
         name = shard
         try:
@@ -257,7 +272,8 @@ class DataLoader:
                             "started: a shard changed under the run. Restore it, then resume from the last checkpoint")
         if not self.shuffle:
             return tokens
-        bounds = document_bounds(tokens)
+        shard = self.shards[index]
+        bounds = document_bounds(tokens, shard[2] if isinstance(shard, tuple) and len(shard) > 2 else None)
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(bounds) - 1)
         return permute_documents(tokens, bounds, perm)
 
@@ -323,11 +339,14 @@ def max_token(tokens, bar=None):
 # ------------------------------------------------------------ the document shuffle
 
 
-def document_bounds(tokens):
+def document_bounds(tokens, starts=None):
     """[0, each document's start but the first, len(tokens)]: document j is tokens[bounds[j]:bounds[j+1]].
+    Each EOT starts a document, unless the data gives the starts itself (a .txt file's paragraphs).
     A shard may begin mid-document: its first piece, up to the first EOT, counts as a document too.
     Searched CHUNK tokens at a time: no shard-sized boolean temporary."""
-    starts = np.concatenate([np.flatnonzero(tokens[i:i + CHUNK] == EOT) + i for i in range(0, len(tokens), CHUNK)])
+    if starts is None:
+        starts = np.concatenate([np.flatnonzero(tokens[i:i + CHUNK] == EOT) + i
+                                 for i in range(0, len(tokens), CHUNK)])
     return np.concatenate([[0], starts[starts > 0], [len(tokens)]])
 
 

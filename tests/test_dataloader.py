@@ -73,6 +73,32 @@ def test_loader_covers_every_token_once_per_epoch_in_a_new_order(shards):
     assert np.array_equal(again, stream[: len(again)])  # the order is a function of the seed
 
 
+def test_a_text_files_paragraphs_are_the_documents_it_shuffles(tmp_path):
+    # A .txt holds no <|endoftext|>. Read in file order, the Shakespeare demo learned one play after
+    # another and its val loss (the last plays) rose and fell with the play it had just read.
+    import tiktoken
+
+    enc = tiktoken.get_encoding("gpt2")
+    speeches = [f"SPEAKER{i}:\nThe {i}th speech,\nin two lines.\n" for i in range(60)]
+    path = tmp_path / "play.txt"
+    path.write_text("\n".join(speeches), encoding="utf-8")  # a blank line between speeches
+    (train, *_), _ = data_sources(str(path))
+    tokens = train[1]
+    # the reference: cut the train tokens wherever the text before ends with a blank line, and the
+    # next token is no newline (found by decoding, not by the loader's token ids)
+    cuts = [i for i in range(1, len(tokens)) if enc.decode(tokens[:i].tolist()).endswith("\n\n")
+            and not enc.decode(tokens[i:i + 1].tolist()).startswith("\n")]
+    documents = np.split(tokens, cuts)
+    assert len(documents) >= 50  # the 90% cut leaves most speeches in train
+    n = len(tokens)
+    epoch = consume(DataLoader([train], B=2, T=8, grad_accum_steps=2, seed=5), steps=n // 32 + 1)[:n]
+    where = epoch.astype("<u2").tobytes()
+    found = [where.find(d.astype("<u2").tobytes()) for d in documents]
+    assert all(f >= 0 and f % 2 == 0 for f in found)  # each speech whole, in one piece
+    assert sum(len(d) for d in documents) == n and np.array_equal(np.sort(epoch), np.sort(tokens))
+    assert found != sorted(found)  # in a new order
+
+
 def test_a_step_sees_the_same_tokens_whatever_the_world_size(shards):
     train, _ = data_sources(shards)
     single = DataLoader(train, B=2, T=8, grad_accum_steps=2, seed=3)
