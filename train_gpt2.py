@@ -31,6 +31,7 @@ import importlib.util
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -248,6 +249,8 @@ def start_run(args):
     autocast_dtype = utils.autocast_dtype(device.type, args.dtype)  # auto: bf16 on CUDA and on CPUs that have it
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
+    else:
+        utils.keep_freed_memory()  # glibc: logits-sized blocks stay in the process (2x faster CPU steps)
     if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
         print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
         return None
@@ -307,7 +310,8 @@ def train(args):
     on_rank0(lambda: start_wandb(args, raw_model, world_size, wandb_id))
     log_path = on_rank0(lambda: prepare_log_dir(args, start_step))
     log_path = log_path if master_process else None  # rank 0 alone logs
-    dt_avg = None
+    print0(f"log: {os.path.join(args.log_dir, 'log.jsonl')} (every step); checkpoints: {args.log_dir}")
+    dt_avg, started_at = None, time.perf_counter()
     for step in range(start_step, args.max_steps + 1):
         if not run_evals(step, args, compiled, raw_model, val_loader, val_steps, hellaswag_examples,
                          autocast_dtype, log_path):  # a signal came during them
@@ -335,9 +339,10 @@ def train(args):
         mfu = None if device.type != "cuda" else raw_model.estimate_mfu(tok_per_s / world_size, T,
                                                                         args.peak_tflops * 1e12)
         eta = datetime.timedelta(seconds=round((args.max_steps - step - 1) * dt_avg))
-        print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-               f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "") +
-               f" | ETA {eta}")
+        if step % args.print_every == 0 or step + 1 == args.max_steps:  # log.jsonl gets every step
+            print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+                   f"{dt * 1000:.1f} ms | {tok_per_s:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu is not None else "")
+                   + f" | ETA {eta}")
         log(log_path, step, train_loss=loss, lr=lr, norm=norm, dt_ms=dt * 1000, tok_per_s=tok_per_s, mfu=mfu)
         done = step + 1
         if stop or done == args.max_steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
@@ -347,6 +352,9 @@ def train(args):
                 raise STOP["error"]
             print0(f"stopped by a signal after step {step}; continue with --resume auto")
             return 0
+    took = datetime.timedelta(seconds=round(time.perf_counter() - started_at))
+    print0(f"done at step {args.max_steps:,} after {took}. Sample from the model with: python sample.py -m "
+           f"{checkpoint_path(args, args.max_steps)} --prompt {shlex.quote(args.sample_prompt)}")
     return 0
 
 
@@ -697,11 +705,12 @@ def start_wandb(args, raw_model, world_size, run_id=None):
 
 
 PRESETS = {  # named sets of defaults; flags given on the command line still win
-    # a first run on any machine: a 4-layer model learns Tiny Shakespeare in a few minutes on 2 CPU cores
+    # a first run on any machine: a 4-layer model learns Tiny Shakespeare in under 3 minutes on 2 CPU
+    # cores (tuned by measurement, BENCHMARKS.md: many small steps beat few big ones)
     "shakespeare": dict(data="input.txt", n_layer=4, n_head=4, n_embd=128, seq_len=128, batch_size=8,
-                        total_batch_size=1024, max_steps=200, warmup_steps=20, lr=2e-3, eval_every=50,
-                        sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1, sample_tokens=64,
-                        sample_prompt="ROMEO:", checkpoint_every=0, log_dir="log/shakespeare"),
+                        total_batch_size=1024, max_steps=450, warmup_steps=20, lr=3e-3, eval_every=150,
+                        print_every=25, sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1,
+                        sample_tokens=160, sample_prompt="ROMEO:", checkpoint_every=0, log_dir="log/shakespeare"),
 }
 
 
@@ -781,6 +790,8 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=integer(0), default=1337, help="seeds the initial weights, the data order, sampling")
 
     g = p.add_argument_group("evaluation")
+    g.add_argument("--print-every", type=integer(1), default=1, help="print the step line every N steps and at "
+                   "the last (log.jsonl records every step)")
     g.add_argument("--eval-every", type=integer(0), default=250, help="val loss and HellaSwag every N steps and at "
                    "the end (0: at the end only)")
     g.add_argument("--val-tokens", type=integer(1), default=20 * 524288, help="tokens per val loss: always the first "
