@@ -709,8 +709,8 @@ PRESETS = {  # named sets of defaults; flags given on the command line still win
     # cores (tuned by measurement, BENCHMARKS.md). Most of its work is the 128 x 50,304 output layer,
     # so layers are cheap: 6 of them cost ~10% more than 4 and learn faster.
     "shakespeare": dict(data="input.txt", n_layer=6, n_head=4, n_embd=128, seq_len=128, batch_size=8,
-                        total_batch_size=1024, max_steps=540, warmup_steps=20, lr=3e-3, eval_every=180,
-                        print_every=30, sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1,
+                        total_batch_size=1024, max_steps=500, warmup_steps=20, lr=3e-3, eval_every=125,
+                        print_every=25, sample_every=0, val_tokens=8192, hellaswag=False, num_samples=1,
                         sample_tokens=160, sample_prompt="ROMEO:", checkpoint_every=0, log_dir="log/shakespeare"),
 }
 
