@@ -100,8 +100,6 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    if torch.device(device).type == "cpu":
-        utils.keep_freed_memory()  # as hellaswag.py does
     from model import GPT, config_for
 
     try:
@@ -139,4 +137,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    utils.keep_freed_memory()  # as hellaswag.py does (process-wide: not when a test calls main())
     sys.exit(main())

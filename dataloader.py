@@ -32,7 +32,8 @@ class DataError(Exception):
 
 
 def data_sources(path, need_train=True):
-    """(train, val) shards of --data: lists of .npy paths, or for a .txt file one (name, tokens) pair each.
+    """(train, val) shards of --data: lists of .npy paths, or for a .txt file one in-memory shard each:
+    (name, tokens, paragraph starts) for train (see paragraph_starts), (name, tokens) for val.
     need_train=False (--eval-only) accepts a directory that holds only the val shard."""
     if path.endswith(".txt"):
         if not os.path.exists(path) and os.path.basename(path) == "input.txt":
@@ -72,8 +73,11 @@ def paragraph_starts(tokens):
     mark documents, so its paragraphs are what the shuffle reorders. In a play each is one speech:
     read in file order instead, the demo learned one play after another, and its val loss (the
     last plays) rose and fell with whichever play it had read last."""
-    newline = np.isin(np.asarray(tokens), (NEWLINE, BLANK_LINE))
-    # token i starts a paragraph if it is not a newline and the newlines before it hold a blank line
+    tokens = np.asarray(tokens)
+    newline = np.isin(tokens, (NEWLINE, BLANK_LINE))
+    # token i (i >= 2) starts a paragraph if it is no newline, and before it come either "\n\n" or
+    # two newline tokens: with a = [i-2], b = [i-1], c = [i] for every i at once, the slices are
+    #   a = newline[:-2], b = newline[1:-1], b is "\n\n" = tokens[1:-1] == BLANK_LINE, c = newline[2:]
     blank_before = newline[1:-1] & ((tokens[1:-1] == BLANK_LINE) | newline[:-2])
     return np.flatnonzero(~newline[2:] & blank_before) + 2
 
@@ -132,6 +136,8 @@ class DataLoader:
         # every shard is checked now (its header, and its token ids: see check_shards), so that a bad
         # one fails at start, not hours into the run; shard_tokens also tells a changed shard later
         self.names, self.shard_tokens = check_shards(shards, vocab_size)
+        # how each shard is cut into documents for the shuffle: at EOTs, or (a .txt) at its paragraphs
+        self.documents = ["paragraphs" if isinstance(s, tuple) and len(s) > 2 else "eot" for s in shards]
         self.num_tokens = sum(self.shard_tokens)
         need = B * T * world_size + 1  # a batch may span shards, but the data must hold one
         if self.num_tokens < need:
@@ -168,7 +174,8 @@ class DataLoader:
         seed, the tokens per step), as plain ints, strings and lists (for checkpoints)."""
         return dict(epoch=self.epoch, shard=self.shard, offset=self.offset, pending=self.pending,
                     num_shards=len(self.shards), seed=self.seed, shuffle=self.shuffle, step_tokens=self.step_tokens,
-                    data=[[os.path.basename(name), n] for name, n in zip(self.names, self.shard_tokens)])
+                    data=[[os.path.basename(name), n] for name, n in zip(self.names, self.shard_tokens)],
+                    documents=self.documents)
 
     def load_state_dict(self, state):
         """Continue from a state_dict(): only on the same stream, or the resumed run would not be the
@@ -200,6 +207,11 @@ class DataLoader:
                             "Resume with the checkpoint's data, or start a fresh run in another --log-dir")
         if state["shuffle"] != self.shuffle:
             raise DataError(f"the checkpoint's loader had shuffle={state['shuffle']}, this one shuffle={self.shuffle}")
+        if self.shuffle and state.get("documents", ["eot"] * len(data)) != self.documents:  # older: at EOTs only
+            raise DataError("the checkpoint's loader shuffled documents cut at <|endoftext|> (a .txt file: none, so "
+                            "its text was read in file order); this version shuffles a .txt file's paragraphs, and "
+                            "the rest of the epoch would skip some text and repeat other text. Start a fresh run "
+                            "(in another --log-dir), or resume with the version that wrote the checkpoint")
         if self.shuffle and state["seed"] != self.seed:
             raise DataError(f"--seed {state['seed']} -> {self.seed}: the checkpoint's data order was drawn from seed "
                             f"{state['seed']}, and with another one the rest of this epoch would skip some documents "

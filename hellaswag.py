@@ -376,8 +376,6 @@ def main(argv=None):
 
     try:
         autocast_dtype = utils.autocast_dtype(torch.device(device).type, args.dtype)
-        if torch.device(device).type == "cpu":
-            utils.keep_freed_memory()  # glibc: logits-sized blocks stay in the process (faster batches)
     except ValueError as e:  # a bad GPT2_CPU_BF16
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -409,4 +407,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    utils.keep_freed_memory()  # as train_gpt2.py does: the process keeps the logits' freed memory (CPU)
     sys.exit(main())

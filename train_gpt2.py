@@ -249,8 +249,6 @@ def start_run(args):
     autocast_dtype = utils.autocast_dtype(device.type, args.dtype)  # auto: bf16 on CUDA and on CPUs that have it
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls autocast leaves in float32
-    else:
-        utils.keep_freed_memory()  # glibc: logits-sized blocks stay in the process (2x faster CPU steps)
     if not lock_log_dir(args, device):  # before anything in --log-dir is read; held until main returns
         print0(f"stopped by a signal while waiting for --log-dir {args.log_dir}; nothing was done")
         return None
@@ -353,8 +351,9 @@ def train(args):
             print0(f"stopped by a signal after step {step}; continue with --resume auto")
             return 0
     took = datetime.timedelta(seconds=round(time.perf_counter() - started_at))
-    print0(f"done at step {args.max_steps:,} after {took}. Sample from the model with: python sample.py -m "
-           f"{checkpoint_path(args, args.max_steps)} --prompt {shlex.quote(args.sample_prompt)}")
+    final = checkpoint_path(args, args.max_steps) if start_step < args.max_steps else ckpt_path  # resumed at the end
+    sample = shlex.join(["python", "sample.py", "-m", final, f"--prompt={args.sample_prompt}"])
+    print0(f"done at step {args.max_steps:,} after {took}. Sample from the model with: {sample}")
     return 0
 
 
@@ -791,8 +790,6 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=integer(0), default=1337, help="seeds the initial weights, the data order, sampling")
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--print-every", type=integer(1), default=1, help="print the step line every N steps and at "
-                   "the last (log.jsonl records every step)")
     g.add_argument("--eval-every", type=integer(0), default=250, help="val loss and HellaSwag every N steps and at "
                    "the end (0: at the end only)")
     g.add_argument("--val-tokens", type=integer(1), default=20 * 524288, help="tokens per val loss: always the first "
@@ -808,6 +805,8 @@ def parse_args(argv=None):
 
     g = p.add_argument_group("checkpoints and log")
     g.add_argument("--log-dir", default="log", help="where log.jsonl and the checkpoints ckpt_NNNNNN.pt go")
+    g.add_argument("--print-every", type=integer(1), default=1, help="print the step line every N steps and at "
+                   "the last (log.jsonl records every step)")
     g.add_argument("--checkpoint-every", type=integer(0), default=5000, help="checkpoint every N steps, and always "
                    "at the end and on SIGTERM/SIGINT")
     g.add_argument("--keep-checkpoints", type=integer(1), default=3, help="keep only the newest K checkpoints")
@@ -891,4 +890,7 @@ if __name__ == "__main__":
     # into a death by SIGTERM.
     for s in (signal.SIGTERM, signal.SIGINT):
         signal.signal(s, request_stop)
+    # glibc keeps the blocks it frees (a CPU run's logits: its steps are 2-3x faster, BENCHMARKS.md).
+    # It changes the whole process for good, so only here: not when a test or a notebook calls main().
+    utils.keep_freed_memory()
     sys.exit(main())

@@ -200,7 +200,8 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (mall
 def keep_freed_memory(limit=1 << 30):
     """Ask glibc to serve blocks up to `limit` bytes from its heap and not to give freed memory back
     to the OS (the process's memory then stays near its peak, which it reaches every step anyway).
-    Returns whether it applied: False off glibc (macOS, Windows, musl), which manage memory their own way."""
+    Process-wide and for good: call it from a script's entry point, not from library code. Returns
+    whether it applied: False off glibc (macOS, Windows, musl), which manage memory their own way."""
     import ctypes
     import platform
 

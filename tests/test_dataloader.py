@@ -171,6 +171,29 @@ def txt_shard(tokens):
     return ("data/input.txt (first 90%)", np.asarray(tokens, dtype=np.uint16))
 
 
+def test_a_txt_checkpoint_from_before_the_paragraph_shuffle_is_refused(tmp_path):
+    # A checkpoint of the previous version read the text in file order (no "documents" in its state):
+    # resumed on shuffled paragraphs, the rest of its epoch would skip text and repeat other text.
+    path = tmp_path / "play.txt"
+    path.write_text("\n".join(f"SPEAKER{i}:\nThe {i}th speech.\n" for i in range(60)), encoding="utf-8")
+    (train, *_), _ = data_sources(str(path))
+    loader = DataLoader([train], B=2, T=8, grad_accum_steps=2, seed=1)
+    consume(loader, steps=3)
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["documents"] == ["paragraphs"]
+    DataLoader([train], B=2, T=8, grad_accum_steps=2, seed=1).load_state_dict(state)  # this version's: fine
+    del state["documents"]
+    with pytest.raises(DataError, match="paragraphs"):
+        DataLoader([train], B=2, T=8, grad_accum_steps=2, seed=1).load_state_dict(state)
+    # shards cut at EOTs (fineweb.py's) resume from such an older checkpoint as before
+    eot_shard = ("shard", np.concatenate([[EOT], train[1][:500]]).astype(np.uint16))
+    old = DataLoader([eot_shard], B=2, T=8, grad_accum_steps=2, seed=1)
+    consume(old, steps=3)
+    state = json.loads(json.dumps(old.state_dict()))
+    del state["documents"]
+    DataLoader([eot_shard], B=2, T=8, grad_accum_steps=2, seed=1).load_state_dict(state)
+
+
 def test_resume_refuses_data_that_changed_naming_the_shard(shards, tmp_path):
     tokens = np.load(data_sources(shards)[0][0])
     loader = DataLoader([txt_shard(tokens)], B=2, T=8, grad_accum_steps=2, seed=1)

@@ -284,7 +284,7 @@ def test_shakespeare_preset_end_to_end(tmp_path, monkeypatch, capsys):
     # and at the end how to sample from what was trained
     assert [int(line.split()[1].split("/")[0]) for line in out.splitlines() if "/8 | loss" in line] == [0, 5, 7]
     assert "log: log/shakespeare/log.jsonl" in out
-    assert "done at step 8 after " in out and "python sample.py -m log/shakespeare/ckpt_000008.pt --prompt ROMEO:" in out
+    assert "done at step 8 after " in out and "python sample.py -m log/shakespeare/ckpt_000008.pt --prompt=ROMEO:" in out
     assert len(train_losses(tmp_path / "log" / "shakespeare")) == 8  # log.jsonl still has every step
 
 
