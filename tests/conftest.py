@@ -1,5 +1,6 @@
 """Shared test setup: import the flat repo's modules, and use the offline tokenizer cache."""
 import os
+import signal
 import sys
 
 import numpy as np
@@ -18,6 +19,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub
 # run float32 unless they set this themselves (the tests of that choice do)
 os.environ.setdefault("GPT2_CPU_BF16", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A job started in the background by a script (`cmd &` with no job control, as CI runners and nohup
+# do) has SIGINT ignored, and so has every process it starts: the tests that press Ctrl-C on a
+# program they run would wait for it forever. Here Ctrl-C works as in a terminal.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Tiny Shakespeare, the text several tests build their data from: ../shared's copy (CI), or the
 # input.txt that `python train_gpt2.py --preset shakespeare` downloads into the checkout.
