@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 import utils
-from model import GPT, GPTConfig
+from model import GPT, H100_BF16_PEAK_FLOPS, GPTConfig
 from train_gpt2 import DataLoader, train_step
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--total-batch-size", type=count, help="tokens per step (default 524288; 1024 with --tiny)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--steps", type=count, default=10, help="timed steps (default 10)")
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200: 989)")
+    p.add_argument("--peak-tflops", type=float, default=H100_BF16_PEAK_FLOPS / 1e12, help="dense bf16 peak for MFU (H100/H200: 989)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="autocast, as "
                    "train_gpt2.py's --dtype (auto: bfloat16 on CUDA and on CPUs with native bfloat16)")
     p.add_argument("--glibc-malloc", action="store_true", help="on a CPU, leave glibc's allocator as it is, to "

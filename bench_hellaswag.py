@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 import utils
 from hellaswag import (DEFAULT_CACHE_DIR, NUM_ENDINGS, SPLITS, HellaSwagUnavailable, _batches, _score_batch,
-                       check_example, encode_example, inference, load_examples, positive_int, score_naive,
-                       usable_device)
+                       check_example, encode_example, inference, load_examples, positive_int, score_naive)
 
 
 def fake_examples(text_file, n, seed=0):
@@ -95,11 +94,11 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        device = usable_device(args.device)
+        device = utils.usable_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    autocast_dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    autocast_dtype = utils.autocast_dtype(torch.device(device).type, args.dtype)
     from model import GPT, config_for
 
     try:

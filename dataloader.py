@@ -136,8 +136,8 @@ class DataLoader:
         # every shard is checked now (its header, and its token ids: see check_shards), so that a bad
         # one fails at start, not hours into the run; shard_tokens also tells a changed shard later
         self.names, self.shard_tokens = check_shards(shards, vocab_size)
-        # how each shard is cut into documents for the shuffle: at EOTs, or (a .txt) at its paragraphs
-        self.documents = ["paragraphs" if isinstance(s, tuple) and len(s) > 2 else "eot" for s in shards]
+        # where each shard's documents start for the shuffle: given (a .txt's paragraphs), or None (at EOTs)
+        self.doc_starts = [s[2] if isinstance(s, tuple) and len(s) > 2 else None for s in shards]
         self.num_tokens = sum(self.shard_tokens)
         need = B * T * world_size + 1  # a batch may span shards, but the data must hold one
         if self.num_tokens < need:
@@ -175,7 +175,11 @@ class DataLoader:
         return dict(epoch=self.epoch, shard=self.shard, offset=self.offset, pending=self.pending,
                     num_shards=len(self.shards), seed=self.seed, shuffle=self.shuffle, step_tokens=self.step_tokens,
                     data=[[os.path.basename(name), n] for name, n in zip(self.names, self.shard_tokens)],
-                    documents=self.documents)
+                    documents=self.documents())
+
+    def documents(self):
+        """How each shard is cut into documents for the shuffle, as a checkpoint records it."""
+        return ["eot" if starts is None else "paragraphs" for starts in self.doc_starts]
 
     def load_state_dict(self, state):
         """Continue from a state_dict(): only on the same stream, or the resumed run would not be the
@@ -207,7 +211,7 @@ class DataLoader:
                             "Resume with the checkpoint's data, or start a fresh run in another --log-dir")
         if state["shuffle"] != self.shuffle:
             raise DataError(f"the checkpoint's loader had shuffle={state['shuffle']}, this one shuffle={self.shuffle}")
-        if self.shuffle and state.get("documents", ["eot"] * len(data)) != self.documents:  # older: at EOTs only
+        if self.shuffle and state.get("documents", ["eot"] * len(data)) != self.documents():  # older: at EOTs only
             raise DataError("the checkpoint's loader shuffled documents cut at <|endoftext|> (a .txt file: none, so "
                             "its text was read in file order); this version shuffles a .txt file's paragraphs, and "
                             "the rest of the epoch would skip some text and repeat other text. Start a fresh run "
@@ -284,8 +288,7 @@ class DataLoader:
                             "started: a shard changed under the run. Restore it, then resume from the last checkpoint")
         if not self.shuffle:
             return tokens
-        shard = self.shards[index]
-        bounds = document_bounds(tokens, shard[2] if isinstance(shard, tuple) and len(shard) > 2 else None)
+        bounds = document_bounds(tokens, self.doc_starts[index])
         perm = np.random.default_rng([self.seed, epoch, index]).permutation(len(bounds) - 1)
         return permute_documents(tokens, bounds, perm)
 

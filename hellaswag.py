@@ -338,17 +338,6 @@ def positive_int(s):
     return int(s)
 
 
-def usable_device(name):
-    """name, or for "auto" the best device here; a ValueError if this machine cannot use it."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        torch.empty(0, device=name)  # an absent or misspelt device fails here, with a clear message
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise ValueError(f"--device {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
-    return name
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="HellaSwag accuracy (completion style) of a GPT-2 model.")
     p.add_argument("-m", "--model", default="gpt2", help="an OpenAI size (gpt2, gpt2-medium, gpt2-large, gpt2-xl), "
@@ -367,11 +356,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     try:
-        device = usable_device(args.device)
+        device = utils.usable_device(args.device)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import utils
     from model import GPT
 
     try:

@@ -11,7 +11,7 @@ each new token costs one token's forward pass); several samples come one after a
 by a line of dashes. Only text goes to stdout; notes (model, device, dtype) go to stderr.
 
 Each new token reads every weight once, so sampling one sequence is bound by memory bandwidth: in
-bfloat16 (--dtype auto, where the CPU has it) the weights are half the bytes, 1.2-1.6x faster on a
+bfloat16 (--dtype auto, where the CPU has it) the weights are half the bytes, 1.2-1.9x faster on a
 CPU with AVX512-BF16 (BENCHMARKS.md); --dtype float32 reproduces Hugging Face's float32 text exactly.
 """
 import argparse
@@ -23,7 +23,7 @@ import tiktoken
 import torch
 
 from model import EOT, GPT
-from utils import autocast_dtype
+from utils import autocast_dtype, usable_device
 
 EOT_TEXT = "<|endoftext|>"  # the text of EOT, the token that separates documents: allowed in a prompt
 DEFAULT_PROMPT = "Hello, I'm a language model,"  # the walkthrough's
@@ -74,17 +74,6 @@ def stream_sample(model, enc, prompt_ids, out, max_new_tokens, temperature=1.0, 
 
 
 # ---------------------------------------------------------------- the command line
-
-
-def pick_device(name):
-    """--device name, or for "auto" the best one here; ValueError if this machine cannot use it."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        torch.empty(0, device=name)  # an absent or misspelt device fails here, with a clear message
-    except (RuntimeError, AssertionError, ValueError) as e:
-        raise ValueError(f"--device {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
-    return name
 
 
 def read_prompt(args):
@@ -162,7 +151,7 @@ def main(argv=None, out=None):
     args = parse_args(argv)
     out = out or sys.stdout
     try:
-        device = pick_device(args.device)
+        device = usable_device(args.device)
         dtype = autocast_dtype(torch.device(device).type, args.dtype)
         prompt = read_prompt(args)
         prompt_ids = encode_prompt(prompt)

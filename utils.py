@@ -1,6 +1,7 @@
 """Small things the scripts share: one way to download a file, one way to write a file so that a
-crash never leaves half of it under the real name, a pause point for tests, and the autocast dtype
-that --dtype auto means on this device (bfloat16 on a CPU only where it is native)."""
+crash never leaves half of it under the real name, a pause point for tests, the --device a script
+runs on, the autocast dtype that --dtype auto means there (bfloat16 on a CPU only where it is
+native), and glibc's allocator told to keep the memory a CPU run frees."""
 import errno
 import functools
 import http.client
@@ -96,6 +97,20 @@ def pause_point(name):
         f.write(str(os.getpid()))
     while os.path.exists(flag):
         time.sleep(0.01)
+
+
+def usable_device(name):
+    """--device name, or for "auto" the best device here (cuda, else mps, else cpu); a ValueError if
+    this machine cannot use it."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        torch.empty(0, device=name)  # an absent or misspelt device fails here, with a clear message
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ValueError(f"--device {name}: not usable on this machine ({str(e).splitlines()[0]})") from None
+    return name
 
 
 # ---------------------------------------------------------------- bfloat16 on the CPU

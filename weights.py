@@ -90,8 +90,8 @@ def config_from_dict(config, source, kind="train_gpt2.py checkpoint"):
         raise ValueError(f"{source}: not a {kind} ({type(e).__name__}: {e})") from e
 
 
-def config_from_hf_dir(directory, padded_vocab_size=0):
-    """The GPTConfig of an HF GPT-2 directory's config.json; settings this model lacks are refused."""
+def config_from_hf_dir(directory):
+    """The GPTConfig (unpadded) of an HF GPT-2 directory's config.json; settings this model lacks are refused."""
     path = os.path.join(directory, "config.json")
     try:
         with open(path) as f:
@@ -99,7 +99,7 @@ def config_from_hf_dir(directory, padded_vocab_size=0):
         shape = dict(block_size=c["n_positions"], **{k: c[k] for k in ("vocab_size", "n_layer", "n_head", "n_embd")})
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path}: not a usable GPT-2 config.json ({e!r})") from e
-    config = config_from_dict({**shape, "padded_vocab_size": padded_vocab_size}, path, kind="usable GPT-2 config.json")
+    config = config_from_dict({**shape, "padded_vocab_size": 0}, path, kind="usable GPT-2 config.json")
     # settings that HF's GPT-2 supports and this model does not: loading would silently compute
     # something else, so refuse by name (the values here are GPT-2's own)
     gpt2 = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "layer_norm_epsilon": (1e-5,),

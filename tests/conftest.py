@@ -1,4 +1,5 @@
 """Shared test setup: import the flat repo's modules, and use the offline tokenizer cache."""
+import json
 import os
 import signal
 import sys
@@ -64,3 +65,28 @@ def write_shards(directory, sizes, seed=0, doc_len=40):
         name = f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy"
         np.save(os.path.join(directory, name), tokens.astype(np.uint16))
     return directory
+
+
+HELLASWAG_EXAMPLES = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "idea.", "tax."], label=0),
+                      dict(ctx="She poured the coffee into a", endings=["tree", "cup", "song", "wall"], label=1),
+                      dict(ctx="To open the door he turned the", endings=["sky", "river", "handle", "year"], label=2),
+                      dict(ctx="After the rain the streets were", endings=["loud", "blue", "tall", "wet"], label=3)]
+
+
+def write_hellaswag(path, n=4):
+    """The first n of four tiny examples in HellaSwag's schema, as a .jsonl file; a model trained on
+    random tokens scores about chance on them."""
+    with open(path, "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in HELLASWAG_EXAMPLES[:n])
+    return str(path)
+
+
+def read_log(log_dir, name="log.jsonl"):
+    """The records of a run's log.jsonl (or another file of --log-dir), in order."""
+    with open(os.path.join(log_dir, name)) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(log_dir):
+    """{step: train loss} of a run's log.jsonl."""
+    return {r["step"]: r["train_loss"] for r in read_log(log_dir) if "train_loss" in r}

@@ -5,7 +5,6 @@ Compiled under DDP, Dynamo's DDPOptimizer splits the graph at DDP's gradient buc
 bucket's all-reduce can start while the backward of the earlier layers still runs; no_sync() must
 then still hold back every all-reduce but the last micro-step's. The tiny model is split too: its
 tied embedding (50304 x 32 floats, 6.4 MB) fills DDP's first bucket (1 MiB cap) alone."""
-import json
 import os
 import subprocess
 import sys
@@ -14,17 +13,12 @@ import pytest
 import torch
 
 import train_gpt2 as tg
-from conftest import ROOT, write_shards
+from conftest import ROOT, train_losses, write_shards
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2",
         "--no-hellaswag", "--num-samples", "0", "--eval-every", "0", "--val-tokens", "64", "--seed", "7"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
-
-
-def train_losses(log_dir):
-    with open(os.path.join(log_dir, "log.jsonl")) as f:
-        return {r["step"]: r["train_loss"] for r in map(json.loads, f) if "train_loss" in r}
 
 
 @pytest.fixture(scope="module")

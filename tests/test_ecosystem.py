@@ -20,7 +20,7 @@ import torch
 
 import logdir
 import train_gpt2 as tg
-from conftest import ROOT, write_shards
+from conftest import ROOT, read_log, write_hellaswag, write_shards
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2",
         "--total-batch-size", "64", "--num-samples", "0", "--val-tokens", "64", "--seed", "7"]
@@ -31,20 +31,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(str(tmp_path_factory.mktemp("shards")), [400, 300, 250, 350])
-
-
-def write_hellaswag(path):
-    examples = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "idea.", "tax."], label=0),
-                dict(ctx="She poured the coffee into a", endings=["tree", "cup", "song", "wall"], label=1),
-                dict(ctx="To open the door he turned the", endings=["sky", "river", "handle", "year"], label=2),
-                dict(ctx="After the rain the streets were", endings=["loud", "blue", "tall", "wet"], label=3)]
-    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    return str(path)
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def script(argv, wandb_dir=None, env=None, cmd=None):
@@ -163,33 +149,42 @@ def test_wandb_gets_every_log_record_the_config_and_the_samples(shards, tmp_path
     assert all(text.startswith("Hello, I'm a language model,") for text in tables)
 
 
-def test_a_resumed_run_continues_the_same_wandb_run_and_a_cut_short_step_is_logged_once(shards, tmp_path):
-    """A SIGTERM in step 2's evals (after its val loss was logged, before HellaSwag) stops the run with
-    a checkpoint at step 2; the resumed run redoes step 2's evals. wandb gets step 2 once, from the
-    resumed run, which continues the first one's wandb run (its id is in the checkpoints)."""
-    log_dir, pause_file = tmp_path / "run", tmp_path / "pause"
-    common = [*TINY, "--data", shards, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "0",
-              "--hellaswag-file", write_hellaswag(tmp_path / "hs.jsonl"), "--log-dir", str(log_dir),
-              "--wandb-project", "gpt2-tests"]
+def sigterm_at_pause(argv, tmp_path, pause_at, nth):
+    """train_gpt2.py argv as a subprocess (wandb offline into tmp_path/first), let through the first
+    nth - 1 times it reaches pause point pause_at, and SIGTERM it at the nth: a signal at an exact
+    moment. Returns what it printed; it must exit 0 (it checkpoints and stops)."""
+    pause_file = tmp_path / "pause"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "first"),
-           "WANDB_SILENT": "true", "GPT2_PAUSE_AT": "hellaswag", "GPT2_PAUSE_FILE": str(pause_file)}
+           "WANDB_SILENT": "true", "GPT2_PAUSE_AT": pause_at, "GPT2_PAUSE_FILE": str(pause_file)}
     os.makedirs(tmp_path / "first")
     with open(tmp_path / "first.out", "w") as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *common], env=env,
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *argv], env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        for pause in (1, 2):  # step 0's HellaSwag goes on; the run stands before step 2's
+        for pause in range(1, nth + 1):
             deadline = time.monotonic() + 300
             while not pause_file.exists():  # polling for the pause file, with a generous timeout
                 assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.out").read_text()
                 time.sleep(0.02)
-            if pause == 2:
+            if pause == nth:
                 proc.send_signal(signal.SIGTERM)
             pause_file.unlink()
         assert proc.wait(timeout=300) == 0, (tmp_path / "first.out").read_text()
     finally:
         proc.kill()
-    first = (tmp_path / "first.out").read_text()
+    return (tmp_path / "first.out").read_text()
+
+
+def test_a_resumed_run_continues_the_same_wandb_run_and_a_cut_short_step_is_logged_once(shards, tmp_path):
+    """A SIGTERM in step 2's evals (after its val loss was logged, before HellaSwag) stops the run with
+    a checkpoint at step 2; the resumed run redoes step 2's evals. wandb gets step 2 once, from the
+    resumed run, which continues the first one's wandb run (its id is in the checkpoints)."""
+    log_dir = tmp_path / "run"
+    common = [*TINY, "--data", shards, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "0",
+              "--hellaswag-file", write_hellaswag(tmp_path / "hs.jsonl"), "--log-dir", str(log_dir),
+              "--wandb-project", "gpt2-tests"]
+    # step 0's HellaSwag goes on; the run stands before step 2's
+    first = sigterm_at_pause(common, tmp_path, "hellaswag", nth=2)
     assert "stopped by a signal during the evals at step 2" in first, first
     assert [r["step"] for r in read_log(log_dir) if "val_loss" in r] == [0, 2]  # logged, then cut short
 
@@ -342,28 +337,11 @@ def test_a_signal_before_a_step_logs_anything_keeps_the_previous_steps_wandb_row
     """A SIGTERM in step 2's first val batch, before step 2 logged anything: the row not yet sent is
     step 1's, which the resumed run (from step 2) does not redo. It must reach wandb; nothing of step
     2 does, until the resumed run sends it."""
-    log_dir, pause_file = tmp_path / "run", tmp_path / "pause"
+    log_dir = tmp_path / "run"
     common = [*TINY, "--no-hellaswag", "--data", shards, "--max-steps", "4", "--eval-every", "2",
               "--checkpoint-every", "0", "--log-dir", str(log_dir), "--wandb-project", "gpt2-tests"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "first"),
-           "WANDB_SILENT": "true", "GPT2_PAUSE_AT": "val_batch", "GPT2_PAUSE_FILE": str(pause_file)}
-    os.makedirs(tmp_path / "first")
-    with open(tmp_path / "first.out", "w") as out:
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt2.py"), *common], env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        for pause in (1, 2, 3):  # step 0's 2 val batches (64 tokens / 2 x 16) go on; the 3rd is step 2's first
-            deadline = time.monotonic() + 300
-            while not pause_file.exists():  # polling for the pause file, with a generous timeout
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.out").read_text()
-                time.sleep(0.02)
-            if pause == 3:
-                proc.send_signal(signal.SIGTERM)
-            pause_file.unlink()
-        assert proc.wait(timeout=300) == 0, (tmp_path / "first.out").read_text()
-    finally:
-        proc.kill()
-    assert "stopped by a signal during the evals at step 2" in (tmp_path / "first.out").read_text()
+    # step 0's 2 val batches (64 tokens / 2 x 16) go on; the 3rd is step 2's first
+    assert "stopped by a signal during the evals at step 2" in sigterm_at_pause(common, tmp_path, "val_batch", nth=3)
     code, out, err = script([*common, "--resume", "auto"], wandb_dir=tmp_path / "second")
     assert code == 0, out + err
     _, _, history1, _ = offline_run(tmp_path / "first")

@@ -17,7 +17,7 @@ from huggingface_hub.repocard import metadata_load
 import model as model_module
 import train_gpt2 as tg
 import weights
-from conftest import ROOT, write_shards
+from conftest import ROOT, read_log, write_shards
 from model import EOT, GPT, GPTConfig
 
 # as in test_train.py: 2 layers, width 32, 16-token sequences, 64 tokens per step
@@ -50,11 +50,6 @@ def run(tmp_path_factory):
                     "--log-dir", str(log_dir)]) == 0
     assert sorted(os.listdir(log_dir)) == ["ckpt_000002.pt", "ckpt_000004.pt", "ckpt_000005.pt", "log.jsonl"]
     return types.SimpleNamespace(root=root, shards=shards, log_dir=log_dir)
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def checkpoint_gpt(path):

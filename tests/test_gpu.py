@@ -11,7 +11,6 @@
 
 Models are tiny, except the 124M memory test, so that the whole file runs in a few minutes."""
 import copy
-import json
 import os
 import random
 import subprocess
@@ -24,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import hellaswag
 import train_gpt2 as tg
-from conftest import ROOT
+from conftest import ROOT, read_log, train_losses, write_hellaswag
 from model import GPT, GPTConfig, config_for
 from train_gpt2 import DataLoader, train_step
 
@@ -66,15 +65,6 @@ def markov_shards(tmp_path_factory):
     for i in range(3):
         np.save(d / f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy", markov_tokens(20_000, seed=i))
     return str(d)
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(log_dir):
-    return {r["step"]: r["train_loss"] for r in read_log(log_dir) if "train_loss" in r}
 
 
 def val_losses(log_dir):
@@ -324,16 +314,6 @@ def test_two_processes_on_one_gpu_match_one_process_with_twice_the_accumulation(
 
 
 # ---------------------------------------------------------------- train_gpt2.py end to end on CUDA
-
-
-def write_hellaswag(path):
-    examples = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "idea.", "tax."], label=0),
-                dict(ctx="She poured the coffee into a", endings=["tree", "cup", "song", "wall"], label=1),
-                dict(ctx="To open the door he turned the", endings=["sky", "river", "handle", "year"], label=2),
-                dict(ctx="After the rain the streets were", endings=["loud", "blue", "tall", "wet"], label=3)]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in examples)
-    return str(path)
 
 
 def test_train_gpt2_end_to_end_on_cuda_then_resume(markov_shards, tmp_path):

@@ -20,7 +20,7 @@ import torch
 
 import logdir
 import train_gpt2 as tg
-from conftest import ROOT, write_shards
+from conftest import ROOT, read_log, write_hellaswag, write_shards
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2",
         "--total-batch-size", "64", "--no-hellaswag", "--num-samples", "0", "--eval-every", "0",
@@ -43,11 +43,6 @@ def run(argv, capsys=None):
     except SystemExit as e:  # argparse refuses a flag's value
         code = e.code
     return code if capsys is None else (code, *capsys.readouterr())
-
-
-def read_log(log_dir, name="log.jsonl"):
-    with open(os.path.join(log_dir, name)) as f:
-        return [json.loads(line) for line in f]
 
 
 def records(log_dir, key):
@@ -275,19 +270,12 @@ EVAL_CASES = {
 }
 
 
-def write_hellaswag(path):
-    examples = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "idea.", "tax."], label=0),
-                dict(ctx="She poured the coffee into a", endings=["tree", "cup", "song", "wall"], label=1)]
-    path.write_text("".join(json.dumps(e) + "\n" for e in examples))
-    return str(path)
-
-
 @pytest.mark.parametrize("point", EVAL_CASES)
 def test_sigterm_during_an_eval_stops_within_one_batch_and_checkpoints_the_last_step(point, shards, tmp_path, start,
                                                                                      capsys):
     extra, nth, missing = EVAL_CASES[point]
     if "--hellaswag" in extra:
-        extra = [*extra, "--hellaswag-file", write_hellaswag(tmp_path / "hs.jsonl")]
+        extra = [*extra, "--hellaswag-file", write_hellaswag(tmp_path / "hs.jsonl", n=2)]
     log_dir = tmp_path / "run"
     common = [*TINY, "--data", shards, "--max-steps", "4", "--checkpoint-every", "0", *extra]
     program = start("eval", [*common, "--log-dir", str(log_dir)], pause_at=point)

@@ -4,7 +4,6 @@ Tiny models (2 layers, width 32, 16-token sequences) on shards the tests write t
 through main(argv) in-process, or as subprocesses where torchrun or a real signal is the point.
 """
 import contextlib
-import json
 import math
 import os
 import pathlib
@@ -19,7 +18,7 @@ import torch
 
 import train_gpt2 as tg
 import dataloader
-from conftest import ROOT, SHAKESPEARE, write_shards
+from conftest import ROOT, SHAKESPEARE, read_log, train_losses, write_hellaswag, write_shards
 from model import GPT, GPTConfig
 
 TINY = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--seq-len", "16", "--batch-size", "2",
@@ -33,15 +32,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     return write_shards(str(tmp_path_factory.mktemp("shards")), [400, 300, 250, 350])
-
-
-def read_log(log_dir):
-    with open(os.path.join(log_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def train_losses(log_dir):
-    return {r["step"]: r["train_loss"] for r in read_log(log_dir) if "train_loss" in r}
 
 
 def complete_lines(path):
@@ -433,17 +423,6 @@ def test_bad_flag_values_are_usage_errors(capsys):
 
 
 # ---------------------------------------------------------------- evals: HellaSwag, torch.compile
-
-
-def write_hellaswag(path):
-    """Four tiny examples in HellaSwag's schema; a model trained on random tokens scores ~chance."""
-    examples = [dict(ctx="The cat sat on the", endings=["mat.", "moon.", "idea.", "tax."], label=0),
-                dict(ctx="She poured the coffee into a", endings=["tree", "cup", "song", "wall"], label=1),
-                dict(ctx="To open the door he turned the", endings=["sky", "river", "handle", "year"], label=2),
-                dict(ctx="After the rain the streets were", endings=["loud", "blue", "tall", "wet"], label=3)]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(e) + "\n" for e in examples)
-    return str(path)
 
 
 def test_hellaswag_eval_is_logged(shards, tmp_path):
